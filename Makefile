@@ -1,0 +1,42 @@
+# imagenet-resnet: `make demo` (set up + the whole system on generated data), `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SRC ?=
+DEST ?=
+WORKERS ?= $(shell nproc)
+VERIFY ?= counts
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test test-fast bench prepare-imagenet clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q -e '.[dali,dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import torch, torchvision, timm, wandb, nvidia.dali" 
+	@touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv and install the package with DALI and test tools (reused when present)
+
+demo: $(STAMP)  ## generate small ILSVRC2012 archives, prepare them, train ResNet-18 with torchrun, evaluate, plot
+	bash launch/demo.sh
+
+test: $(STAMP)  ## the whole suite (unit + end-to-end with several processes)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## unit tests only
+	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## benchmarks: writes bench/results.json and a Markdown table (CPU parts when no GPU)
+	$(PY) -m imagenet_resnet.bench --out bench
+
+prepare-imagenet: $(STAMP)  ## SRC=<folder with the ILSVRC2012 archives> DEST=<output>: extract, map val, file lists, verify
+	PYTHON=$(PY) WORKERS=$(WORKERS) VERIFY=$(VERIFY) bash data_prep/prepare_imagenet.sh "$(SRC)" "$(DEST)"
+
+clean:  ## remove the venv and generated demo data (never touches your DEST)
+	rm -rf $(VENV) runs/demo data/demo

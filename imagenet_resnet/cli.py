@@ -1,0 +1,38 @@
+"""Command-line plumbing shared by the entry points: `--config FILE key=value ...`, clean errors.
+
+    def main(argv=None):
+        args, cfg = parse(argv, "Train a model.")
+        ...
+    if __name__ == "__main__":
+        run_main(main)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from imagenet_resnet.config import Config, load_config
+from imagenet_resnet.errors import UserError
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML recipe from configs/ (defaults apply where it is silent)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. schedule.epochs=10")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
+    args = p.parse_args(argv)
+    return args, load_config(args.config, args.overrides)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run `main`; a UserError becomes `error: ...` on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

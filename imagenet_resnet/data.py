@@ -1,0 +1,322 @@
+"""Datasets and loaders: CIFAR resident on the device, ImageNet through torchvision or DALI.
+
+Every loader yields `(images, labels)` already on the device, images normalised in the model's
+dtype and memory format, and follows the same two rules:
+- train: a fresh permutation per epoch from (seed, epoch), split across ranks like
+  DistributedSampler (drop_last), and startable mid-epoch for exact resume; each image's
+  augmentation is seeded by (seed, epoch, image index), so it does not depend on workers,
+  ranks or restarts;
+- val: contiguous shards from `shard_range`, no padding, no repeats: each image counted once.
+
+    train, val, num_classes = build_loaders(cfg, dist, input_dtype=torch.float32)
+    train.set_position(epoch=3, start_step=0)
+    for images, labels in train: ...
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from imagenet_resnet.config import Config
+from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+VAL_CROP_FRACTION = 0.875  # val: resize shorter side to size / 0.875, centre crop (224 of 256)
+COMPLETE_MARKER = "COMPLETE"  # written last by `make prepare-imagenet`
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+class Loader(Protocol):
+    num_images: int  # images in this split over all ranks (val: each counted once)
+    steps_per_epoch: int  # batches this rank yields in a full epoch
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of n items; shares differ by at most one, none repeats."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) & 0x7FFF_FFFF_FFFF
+
+
+@dataclass
+class Normalizer:
+    """uint8 NCHW batch on the device -> normalised float in the model's dtype and layout."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    dtype: torch.dtype
+    channels_last: bool
+
+    @classmethod
+    def create(cls, mean, std, device, dtype, channels_last) -> Normalizer:
+        shape = (1, len(mean), 1, 1)
+        scale = torch.tensor(std, device=device).view(shape) * 255
+        return cls(torch.tensor(mean, device=device).view(shape) * 255, scale, dtype, channels_last)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return ((images.float() - self.mean) / self.std).to(self.dtype)
+
+
+class TrainSampler(DistributedSampler):
+    """DistributedSampler (shuffle, drop_last) that starts mid-epoch and yields (index, aug seed)."""
+
+    def __init__(self, num_images: int, dist: DistInfo, seed: int, batch_size: int) -> None:
+        super().__init__(range(num_images), dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.steps_per_epoch = self.num_samples // batch_size
+        self.start = 0
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.start = start_step * self.batch_size
+
+    def indices(self) -> list[int]:
+        """This rank's indices for the rest of the epoch, whole batches only."""
+        return list(super().__iter__())[self.start : self.steps_per_epoch * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, augmentation_seed(self.seed, self.epoch, i)) for i in self.indices()])
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch * self.batch_size - self.start)
+
+
+# --- CIFAR: the whole set on the device -------------------------------------------------------
+
+
+def read_cifar(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The released pickles (Python 2: latin1) as uint8 NCHW images and int64 labels."""
+    folder = Path(root) / CIFAR_FOLDERS[dataset]
+    if dataset == "cifar10":
+        splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"]}
+        label_key = "labels"
+    else:
+        splits = {"train": ["train"], "val": ["test"]}
+        label_key = "fine_labels"
+    missing = [name for names in splits.values() for name in names if not (folder / name).is_file()]
+    if missing:
+        raise UserError(
+            f"{folder}: {dataset} not found (missing {', '.join(missing)}). Put the extracted "
+            f"{CIFAR_FOLDERS[dataset]} folder under data.root; this machine downloads nothing."
+        )
+    out = []
+    for names in splits.values():
+        images, labels = [], []
+        for name in names:
+            try:
+                with open(folder / name, "rb") as f:
+                    batch = pickle.load(f, encoding="latin1")
+                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(batch[label_key])
+            except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+                raise UserError(f"{folder / name}: not a {dataset} batch file ({err!r})") from err
+        out += [torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)]
+    return out[0], out[1], out[2], out[3]
+
+
+class DeviceLoader:
+    """A dataset held as uint8 on the device; pad + random crop + flip run batched there.
+
+    No per-image Python work per step: one gather per batch. For CIFAR on a GPU this is what
+    makes an epoch take seconds rather than a minute of DataLoader overhead.
+    """
+
+    def __init__(self, images, labels, batch_size, normalize, dist, seed, train, padding) -> None:
+        self.images, self.labels = images.to(dist.device), labels.to(dist.device)
+        self.batch_size, self.normalize, self.train, self.padding = batch_size, normalize, train, padding
+        self.num_images = len(labels)
+        self.seed = seed
+        if train:
+            self.sampler = TrainSampler(self.num_images, dist, seed, batch_size)
+            self.steps_per_epoch = self.sampler.steps_per_epoch
+        else:
+            self.shard = shard_range(self.num_images, dist.rank, dist.world_size)
+            self.steps_per_epoch = -(-len(self.shard) // batch_size)
+        self.set_position(0)
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch = epoch
+        if self.train:
+            self.sampler.set_position(epoch, start_step)
+
+    def _augment(self, batch: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor):
+        """Zero-pad by `padding`, crop back to size at per-image offsets, flip where drawn."""
+        n, _, h, w = batch.shape
+        padded = torch.nn.functional.pad(batch, [self.padding] * 4)
+        rows = offsets[index, 0, None] + torch.arange(h, device=batch.device)  # (n, h)
+        cols = offsets[index, 1, None] + torch.arange(w, device=batch.device)  # (n, w)
+        crops = padded[torch.arange(n, device=batch.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+        crops = crops.permute(0, 3, 1, 2)  # advanced indexing put channels last
+        return torch.where(flips[index, None, None, None], crops.flip(3), crops)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.train:
+            for start in range(self.shard.start, self.shard.stop, self.batch_size):
+                stop = min(start + self.batch_size, self.shard.stop)
+                yield self.normalize(self.images[start:stop]), self.labels[start:stop]
+            return
+        # All of the epoch's random draws at once, indexed by image: independent of rank and restarts.
+        g = torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, 0))
+        offsets = torch.randint(0, 2 * self.padding + 1, (self.num_images, 2), generator=g).to(self.images.device)
+        flips = (torch.rand(self.num_images, generator=g) < 0.5).to(self.images.device)
+        order = torch.tensor(self.sampler.indices(), dtype=torch.int64, device=self.images.device)
+        for batch_index in order.split(self.batch_size):
+            batch = self._augment(self.images[batch_index], batch_index, offsets, flips)
+            yield self.normalize(batch), self.labels[batch_index]
+
+
+# --- ImageNet layout: torchvision loader -----------------------------------------------------
+
+
+def read_file_list(root: Path, split: str) -> tuple[list[tuple[str, int]], int]:
+    """(relative path, label) pairs from DEST/<split>.txt, and the class count from synsets.txt."""
+    list_path = root / f"{split}.txt"
+    try:
+        lines = list_path.read_text().splitlines()
+        samples = [(path, int(label)) for path, label in (line.rsplit(" ", 1) for line in lines if line)]
+        num_classes = len((root / "synsets.txt").read_text().splitlines())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{list_path}: unreadable file list ({err}); re-run make prepare-imagenet") from err
+    return samples, num_classes
+
+
+def check_prepared(root: Path) -> None:
+    if not (root / COMPLETE_MARKER).is_file():
+        raise UserError(
+            f"{root}: not a finished prepare-imagenet output (no {COMPLETE_MARKER} marker). "
+            f"Run: make prepare-imagenet SRC=<archives> DEST={root}"
+        )
+
+
+class ImageFileDataset(Dataset):
+    """JPEG files decoded by torchvision.io into uint8 CHW; keys are (index, augmentation seed)."""
+
+    def __init__(self, folder: Path, samples: list[tuple[str, int]], transform) -> None:
+        self.folder, self.samples, self.transform = folder, samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        from torchvision.io import ImageReadMode, decode_image
+
+        index, seed = key
+        path, label = self.samples[index]
+        torch.manual_seed(seed)  # transforms v2 draw from the global generator of this worker
+        image = decode_image(str(self.folder / path), mode=ImageReadMode.RGB)
+        return self.transform(image), label
+
+
+class HostLoader:
+    """A torchvision DataLoader whose batches are moved to the device and normalised there."""
+
+    def __init__(self, loader: DataLoader, normalize: Normalizer, device, num_images, steps_per_epoch) -> None:
+        self.loader, self.normalize, self.device = loader, normalize, device
+        self.num_images, self.steps_per_epoch = num_images, steps_per_epoch
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        if isinstance(self.loader.sampler, TrainSampler):
+            self.loader.sampler.set_position(epoch, start_step)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+
+
+def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer) -> tuple[HostLoader, HostLoader, int]:
+    from torchvision.transforms import v2
+
+    root = Path(cfg.data.root)
+    size = cfg.data.image_size
+    train_samples, num_classes = read_file_list(root, "train")
+    val_samples, _ = read_file_list(root, "val")
+    train_tf = v2.Compose(
+        [v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True), v2.RandomHorizontalFlip()]
+    )
+    val_tf = v2.Compose([v2.Resize(round(size / VAL_CROP_FRACTION), antialias=True), v2.CenterCrop(size)])
+    pin = dist.device.type == "cuda"
+    workers = cfg.data.workers
+
+    def make(split, samples, transform, sampler, drop_last):
+        loader = DataLoader(
+            ImageFileDataset(root / split, samples, transform),
+            batch_size=cfg.data.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        return loader
+
+    sampler = TrainSampler(len(train_samples), dist, cfg.run.seed, cfg.data.batch_size)
+    train = HostLoader(
+        make("train", train_samples, train_tf, sampler, True), normalize, dist.device, len(train_samples), sampler.steps_per_epoch
+    )
+    shard = [(i, 0) for i in shard_range(len(val_samples), dist.rank, dist.world_size)]
+    val = HostLoader(
+        make("val", val_samples, val_tf, shard, False), normalize, dist.device, len(val_samples),
+        -(-len(shard) // cfg.data.batch_size),
+    )
+    return train, val, num_classes
+
+
+# --- choosing ---------------------------------------------------------------------------------
+
+
+def resolve_loader(cfg: Config, device: torch.device) -> str:
+    if cfg.data.loader != "auto":
+        return cfg.data.loader
+    if cfg.data.dataset.startswith("cifar"):
+        return "device"
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return "torchvision"
+    return "dali" if device.type == "cuda" else "torchvision"
+
+
+def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tuple[Loader, Loader, int]:
+    """Train loader, val loader and the number of classes for `cfg.data`."""
+    kind = resolve_loader(cfg, dist.device)
+    channels_last = cfg.run.channels_last and dist.device.type == "cuda"
+    is_cifar = cfg.data.dataset.startswith("cifar")
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if is_cifar else (IMAGENET_MEAN, IMAGENET_STD)
+    normalize = Normalizer.create(mean, std, dist.device, input_dtype, channels_last)
+    if is_cifar:
+        if kind != "device":
+            raise UserError(f"config key data.loader={kind}: CIFAR uses the device loader (data.loader=device)")
+        train_x, train_y, val_x, val_y = read_cifar(cfg.data.root, cfg.data.dataset)
+        args = dict(batch_size=cfg.data.batch_size, normalize=normalize, dist=dist, seed=cfg.run.seed)
+        train = DeviceLoader(train_x, train_y, train=True, padding=cfg.data.crop_padding, **args)
+        val = DeviceLoader(val_x, val_y, train=False, padding=0, **args)
+        return train, val, 10 if cfg.data.dataset == "cifar10" else 100
+    check_prepared(Path(cfg.data.root))
+    if kind == "device":
+        raise UserError("config key data.loader=device: only for CIFAR; use torchvision or dali for ImageNet")
+    if kind == "dali":
+        from imagenet_resnet.dali import build_dali_loaders
+
+        return build_dali_loaders(cfg, dist, normalize)
+    return build_torchvision_loaders(cfg, dist, normalize)

@@ -1,0 +1,157 @@
+"""Model registry: a name in a config is all it takes to get a network.
+
+ImageNet networks come from torchvision (ResNet-18/50, the reference implementations behind
+the published 69.76 / 76.13 top-1) and timm (SE-ResNets). The CIFAR ResNets of He et al. 2016
+(Sec. 4.2) are written here, since no library ships them with option-A shortcuts.
+
+    model = build_model("cifar_resnet56", num_classes=10)
+    model = build_model("seresnet50", num_classes=1000, zero_init_residual=True)
+    list_models()  # ['cifar_resnet110', 'cifar_resnet20', ...]
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from timm.layers import SEModule
+from torch import nn
+
+from imagenet_resnet.errors import UserError
+
+ModelFn = Callable[..., nn.Module]
+_REGISTRY: dict[str, ModelFn] = {}
+
+
+def register(name: str) -> Callable[[ModelFn], ModelFn]:
+    def add(fn: ModelFn) -> ModelFn:
+        _REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, num_classes: int, zero_init_residual: bool = True) -> nn.Module:
+    """A freshly initialised network; zero_init_residual zeroes each block's last BN gamma."""
+    if name not in _REGISTRY:
+        raise UserError(f"config key model.name={name!r}: unknown model; known: {', '.join(list_models())}")
+    return _REGISTRY[name](num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+# --- CIFAR ResNets (He et al. 2016, Sec. 4.2) -------------------------------------------------
+
+
+class CifarBasicBlock(nn.Module):
+    """3x3-3x3 block; option A shortcut: stride-2 subsampling and zero-padded channels.
+
+    Args:
+        in_ch: input channels.
+        out_ch: output channels (2 x in_ch where the stage halves the resolution).
+        stride: 2 at the first block of stages 2 and 3.
+        se: add squeeze-excitation (reduction 16) on the residual branch (Hu et al. 2018).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, se: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        # rd_divisor=1 keeps the paper's exact reduction (16 channels -> 1) instead of timm's rounding to 8.
+        self.se = SEModule(out_ch, rd_ratio=1 / 16, rd_divisor=1) if se else nn.Identity()
+        self.stride = stride
+        self.pad_ch = out_ch - in_ch
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        if self.pad_ch:
+            x = F.pad(x, (0, 0, 0, 0, self.pad_ch // 2, self.pad_ch - self.pad_ch // 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.se(self.bn2(self.conv2(out)))  # BN before the addition, ReLU after
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The 6n+2-layer CIFAR ResNet: 3x3 conv, three stages of n blocks (16/32/64), pool, fc.
+
+    Args:
+        depth: 20, 32, 44, 56, 110, ... (6n+2).
+        num_classes: classifier outputs.
+        se: squeeze-excitation in every block.
+        in_chans: image channels (1 for MNIST).
+    """
+
+    def __init__(self, depth: int, num_classes: int, se: bool = False, in_chans: int = 3) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks, in_ch = [], 16
+        for stage, width in enumerate((16, 32, 64)):
+            for i in range(n):
+                blocks.append(CifarBasicBlock(in_ch, width, 2 if stage and i == 0 else 1, se))
+                in_ch = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # He et al. 2015
+
+    def zero_init_residual(self) -> None:
+        for block in self.blocks:
+            nn.init.zeros_(block.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _cifar(depth: int, se: bool) -> ModelFn:
+    def make(num_classes: int, zero_init_residual: bool) -> nn.Module:
+        model = CifarResNet(depth, num_classes, se=se)
+        if zero_init_residual:
+            model.zero_init_residual()
+        return model
+
+    return make
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register(f"cifar_resnet{_depth}")(_cifar(_depth, se=False))
+    register(f"cifar_seresnet{_depth}")(_cifar(_depth, se=True))
+
+
+# --- ImageNet ResNets ------------------------------------------------------------------------
+
+
+def _torchvision(arch: str) -> ModelFn:
+    def make(num_classes: int, zero_init_residual: bool) -> nn.Module:
+        return getattr(torchvision.models, arch)(num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+    return make
+
+
+def _timm(arch: str) -> ModelFn:
+    def make(num_classes: int, zero_init_residual: bool) -> nn.Module:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, zero_init_last=zero_init_residual)
+
+    return make
+
+
+for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    register(_arch)(_torchvision(_arch))
+for _arch in ("seresnet18", "seresnet34", "seresnet50"):
+    register(_arch)(_timm(_arch))

@@ -1,0 +1,106 @@
+"""SGD with decay-free norm/bias parameters, the linear scaling rule, warmup + step/cosine decay.
+
+The schedule is a pure function of the global step, so resuming needs nothing but the step.
+
+    lr = scaled_lr(0.1, global_batch=1024)                 # 0.4
+    opt = build_optimizer(model, cfg.optim, lr)
+    sched = Schedule.from_config(cfg.schedule, steps_per_epoch=5005)
+    set_lr(opt, lr * sched.factor(step))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from imagenet_resnet.config import OptimConfig, ScheduleConfig
+
+# Norm layers are matched by module type: a name test like `'bn' in name` misses e.g. torchvision's
+# downsample.1 BatchNorm and timm's renamed layers.
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """Linear scaling rule (Goyal et al. 2017): base_lr is per 256 images."""
+    return base_lr * global_batch / 256
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and norm-layer parameters plus biases without decay."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            is_bias = param is getattr(module, "bias", None)
+            (no_decay if isinstance(module, NORM_TYPES) or is_bias else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.SGD:
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.SGD(
+        param_groups(model, cfg.weight_decay),
+        lr=lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        fused=on_cuda,  # one kernel for the whole update on the GPU
+        foreach=None if on_cuda else True,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """lr multiplier per global step: warmup, then step decay at fractions of the run, or cosine.
+
+    Args:
+        total_steps: steps in the whole run (epochs x steps per epoch).
+        warmup_steps: steps of warmup at the start.
+        kind: "step" or "cosine".
+        milestones: fractions of total_steps where a step schedule multiplies by gamma.
+        gamma: step decay factor.
+        warmup_kind: "linear" ramps from warmup_start_factor to 1; "constant" holds it.
+        warmup_start_factor: multiplier at step 0.
+    """
+
+    total_steps: int
+    warmup_steps: int
+    kind: str = "step"
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_kind: str = "linear"
+    warmup_start_factor: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig, steps_per_epoch: int) -> Schedule:
+        return cls(
+            total_steps=cfg.epochs * steps_per_epoch,
+            warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+            kind=cfg.kind,
+            milestones=tuple(cfg.milestones),
+            gamma=cfg.gamma,
+            warmup_kind=cfg.warmup_kind,
+            warmup_start_factor=cfg.warmup_start_factor,
+        )
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            if self.warmup_kind == "constant":
+                return self.warmup_start_factor
+            return self.warmup_start_factor + (1 - self.warmup_start_factor) * step / self.warmup_steps
+        if self.kind == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        passed = sum(step >= round(m * self.total_steps) for m in self.milestones)
+        return self.gamma**passed

@@ -1,0 +1,339 @@
+"""The training loop: build loaders, model and optimizer; then per epoch train, evaluate, log, save.
+
+Runs as one process or under torchrun. Rank 0 alone writes files and wandb (`self.log`).
+The step loop does not synchronise with the host: losses and counts accumulate on the
+device and are read at log steps, checkpoints and epoch ends.
+
+    records = run_training(load_config("configs/cifar10_resnet20.yaml", ["schedule.epochs=2"]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from imagenet_resnet.checkpoint import BEST, LAST, capture_rng, load_file, load_latest, restore_rng, save_atomic, unwrap
+from imagenet_resnet.config import Config, config_from_dict, config_to_dict, save_config
+from imagenet_resnet.data import Loader, build_loaders
+from imagenet_resnet.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    shutdown,
+)
+from imagenet_resnet.errors import UserError
+from imagenet_resnet.metrics import RunLog, topk_correct
+from imagenet_resnet.models import build_model
+from imagenet_resnet.optim import Schedule, build_optimizer, scaled_lr, set_lr
+
+# A checkpoint from a run that differs in these cannot continue this run.
+MUST_MATCH = ("model.name", "data.dataset")
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    return cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+
+
+def build_network(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
+    """The model on its device, in channels_last on CUDA, SyncBN if asked; not yet wrapped."""
+    net = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual)
+    if cfg.model.sync_bn and dist.is_distributed:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    channels_last = cfg.run.channels_last and dist.device.type == "cuda"
+    return net.to(dist.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, loader: Loader, bf16: bool, device: torch.device) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over every val image once, summed over ranks.
+
+    `net` must be the bare module, not the DDP wrapper: ranks may hold different numbers of
+    batches, and DDP's forward would wait for a collective on the rank that has finished.
+    """
+    net.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, images
+    for images, labels in loader:
+        if labels.numel() == 0:  # DALI's PARTIAL policy can yield an empty last batch
+            continue
+        with autocast(device, bf16):
+            logits = net(images)
+        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        sums += torch.cat([loss[None], topk_correct(logits, labels), torch.tensor([labels.numel()], device=device)])
+    loss_sum, top1, top5, count = all_reduce_sum(sums).tolist()
+    count = max(count, 1)
+    return {"val_loss": loss_sum / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
+            "val_images": int(sums[3].item())}
+
+
+@dataclass
+class Position:
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # steps of it already done
+    global_step: int = 0
+
+
+class StopRequested(Exception):
+    """SIGTERM arrived (preemption): a checkpoint was written; exit cleanly."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dist: DistInfo) -> None:
+        self.cfg, self.dist = cfg, dist
+        self.out_dir = Path(cfg.run.out_dir)
+        self.bf16 = use_bf16(cfg, dist.device)
+        torch.manual_seed(cfg.run.seed + dist.rank)
+        input_dtype = torch.bfloat16 if self.bf16 else torch.float32
+        self.train_loader, self.val_loader, self.num_classes = build_loaders(cfg, dist, input_dtype)
+        self.steps_per_epoch = self.train_loader.steps_per_epoch
+        if self.steps_per_epoch < 1:
+            raise UserError(
+                f"data.batch_size={cfg.data.batch_size} x {dist.world_size} processes is larger than the "
+                f"{self.train_loader.num_images} training images: not one full step per epoch"
+            )
+        self.net = build_network(cfg, self.num_classes, dist)
+        self.global_batch = cfg.data.batch_size * dist.world_size
+        self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
+        self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr)
+        self.schedule = Schedule.from_config(cfg.schedule, self.steps_per_epoch)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.position = Position()
+        self.train_sums = self._zero_sums()
+        self.best_top1 = 0.0
+        resumed = self.restore()
+        if cfg.run.compile:
+            self.net = torch.compile(self.net)
+        self.model = (
+            DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+            if dist.is_distributed
+            else self.net
+        )
+        self.stop_requested = False
+        self.log = self._start_log(resumed) if dist.is_main else None
+
+    # --- setup ------------------------------------------------------------------------------
+
+    def _zero_sums(self) -> torch.Tensor:
+        return torch.zeros(3, dtype=torch.float64, device=self.dist.device)  # loss sum, top1, images
+
+    def _start_log(self, resumed: bool) -> RunLog:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out_dir / "config.yaml")
+        print(
+            f"model {self.cfg.model.name} ({sum(p.numel() for p in self.net.parameters()):,} parameters), "
+            f"{self.dist.world_size} process(es) on {self.dist.device.type}, "
+            f"{'bf16' if self.bf16 else 'fp32'}; {self.train_loader.num_images} train / "
+            f"{self.val_loader.num_images} val images, {self.num_classes} classes",
+            flush=True,
+        )
+        print(
+            f"global batch {self.global_batch} = {self.cfg.data.batch_size} x {self.dist.world_size}; "
+            f"lr {self.peak_lr:g} = base_lr {self.cfg.optim.base_lr:g} x {self.global_batch}/256; "
+            f"warmup {self.schedule.warmup_steps} steps ({self.cfg.schedule.warmup_epochs:g} epochs); "
+            f"{self.steps_per_epoch} steps/epoch, {self.cfg.schedule.epochs} epochs",
+            flush=True,
+        )
+        return RunLog(self.cfg, self.out_dir, self.position.epoch, resumed)
+
+    def restore(self) -> bool:
+        """Continue from run.resume or out_dir's newest valid checkpoint; False for a fresh start."""
+        path = None
+        if self.dist.is_main:  # one rank chooses, so all ranks load the same file
+            if self.cfg.run.resume:
+                path = Path(self.cfg.run.resume)
+            else:
+                _, path = load_latest(self.out_dir)
+        path = broadcast_object(path)
+        if path is None:
+            return False
+        state = load_file(path)
+        self._check_compatible(state, path)
+        unwrap(self.net).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best_top1 = state["best_top1"]
+        pos = state["position"]
+        if state["global_batch"] == self.global_batch and state["world_size"] == self.dist.world_size:
+            self.position = Position(**pos)
+            self.train_sums = state["train_sums"][self.dist.rank].to(self.dist.device)
+            restore_rng(state["rng"][self.dist.rank])
+        else:
+            # A different world size: keep the images-seen count, rescale lr by the linear rule.
+            done = pos["step_in_epoch"] * state["global_batch"] // self.global_batch
+            self.position = Position(pos["epoch"], done, pos["epoch"] * self.steps_per_epoch + done)
+            if self.dist.is_main:
+                print(
+                    f"resume: world size {state['world_size']} -> {self.dist.world_size}, global batch "
+                    f"{state['global_batch']} -> {self.global_batch}; lr rescaled to {self.peak_lr:g} "
+                    f"(linear rule); epoch {pos['epoch']} continues at step {done}",
+                    flush=True,
+                )
+        if self.dist.is_main:
+            print(f"resumed from {path}: epoch {self.position.epoch}, step {self.position.step_in_epoch}", flush=True)
+        return True
+
+    def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
+        saved, now = config_to_dict(config_from_dict(state["config"])), config_to_dict(self.cfg)
+        diffs = []
+        for key in MUST_MATCH:
+            section, name = key.split(".")
+            if saved[section][name] != now[section][name]:
+                diffs.append(f"{key}: checkpoint {saved[section][name]!r}, now {now[section][name]!r}")
+        if state["num_classes"] != self.num_classes:
+            diffs.append(f"classes: checkpoint {state['num_classes']}, now {self.num_classes}")
+        if diffs:
+            raise UserError(f"{path}: checkpoint belongs to a different run ({'; '.join(diffs)})")
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def save(self, best: bool = False) -> None:
+        """Collective: every rank contributes its RNG and partial sums; rank 0 writes."""
+        rng = all_gather_objects(capture_rng())
+        sums = all_gather_objects(self.train_sums.cpu())
+        if self.dist.is_main:
+            state = {
+                "model": unwrap(self.net).state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "position": vars(self.position).copy(),
+                "train_sums": sums,
+                "best_top1": self.best_top1,
+                "rng": rng,
+                "config": config_to_dict(self.cfg),
+                "num_classes": self.num_classes,
+                "world_size": self.dist.world_size,
+                "global_batch": self.global_batch,
+            }
+            save_atomic(state, self.out_dir / LAST)
+            if best:
+                save_atomic(state, self.out_dir / BEST)
+        barrier()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, Any]]:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        records = []
+        try:
+            for epoch in range(self.position.epoch, self.cfg.schedule.epochs):
+                train_stats = self.train_epoch(epoch)
+                val_stats = evaluate(self.net, self.val_loader, self.bf16, self.dist.device)
+                record = {"epoch": epoch, **train_stats, **val_stats}
+                records.append(record)
+                is_best = val_stats["val_top1"] > self.best_top1
+                self.best_top1 = max(self.best_top1, val_stats["val_top1"])
+                if self.log:
+                    self.log.epoch(self.position.global_step, record)
+                self.position = Position(epoch + 1, 0, self.position.global_step)
+                self.train_sums = self._zero_sums()
+                self.save(best=is_best)
+        except StopRequested:
+            if self.dist.is_main:
+                print(f"stopped by SIGTERM at epoch {self.position.epoch} step {self.position.step_in_epoch}; "
+                      f"checkpoint saved, rerun the same command to continue", flush=True)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if self.log:
+                self.log.close()
+        return records
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.run.checkpoint_every_steps
+        return every > 0 and step % every == 0 and step < self.steps_per_epoch
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        start = self.position.step_in_epoch
+        self.train_loader.set_position(epoch, start)
+        log_every = max(1, self.cfg.run.log_every_steps)
+        show_bar = self.dist.is_main and sys.stderr.isatty()
+        bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch}", disable=not show_bar, leave=False)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=self.dist.device)  # first non-finite step
+        wait_s, epoch_start = 0.0, time.perf_counter()
+        batches: Iterable = iter(self.train_loader)
+        for step in range(start, self.steps_per_epoch):
+            fetch_start = time.perf_counter()
+            images, labels = next(batches)
+            wait_s += time.perf_counter() - fetch_start
+            set_lr(self.optimizer, self.peak_lr * self.schedule.factor(self.position.global_step))
+            with autocast(self.dist.device, self.bf16):
+                logits = self.model(images)
+                loss = self.criterion(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss = loss.detach().double()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            self.train_sums += torch.stack([loss * labels.numel(), topk_correct(logits, labels, (1,))[0].double(),
+                                            torch.tensor(labels.numel(), dtype=torch.float64, device=loss.device)])
+            self.position = Position(epoch, step + 1, self.position.global_step + 1)
+            bar.update(1)
+            done = step + 1
+            if done % log_every == 0 or done == self.steps_per_epoch or self._checkpoint_due(done):
+                self._check_finite(first_bad, epoch)
+                self._log_step(epoch, done, loss, show_bar)
+                if self._stop_agreed():
+                    self.save()
+                    raise StopRequested
+                if self._checkpoint_due(done):
+                    self.save()
+        bar.close()
+        elapsed = time.perf_counter() - epoch_start
+        loss_sum, top1, images = all_reduce_sum(self.train_sums.clone()).tolist()
+        wait_fraction = all_reduce_sum(torch.tensor([wait_s / elapsed], device=self.dist.device)).item()
+        steps_run = self.steps_per_epoch - start
+        return {
+            "train_loss": loss_sum / images,
+            "train_top1": 100 * top1 / images,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_sec": steps_run * self.global_batch / elapsed,
+            "data_wait_fraction": wait_fraction / self.dist.world_size,
+            "epoch_time_s": elapsed,
+        }
+
+    def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
+        local = int(first_bad.item())
+        if all_reduce_sum(torch.tensor([float(local >= 0)], device=self.dist.device)).item():
+            where = f"step {local}" if local >= 0 else "a step on another rank"
+            raise UserError(
+                f"non-finite training loss at epoch {epoch}, {where}; stopped without saving, the last "
+                f"good checkpoint is {self.out_dir / LAST}. Lower optim.base_lr or lengthen warmup."
+            )
+
+    def _stop_agreed(self) -> bool:
+        flag = all_reduce_sum(torch.tensor([float(self.stop_requested)], device=self.dist.device))
+        return flag.item() > 0
+
+    def _log_step(self, epoch: int, done: int, loss: torch.Tensor, show_bar: bool) -> None:
+        if not self.log:
+            return
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.log.step(self.position.global_step, {"loss": loss.item(), "lr": lr})
+        if not show_bar:
+            print(f"epoch {epoch} step {done}/{self.steps_per_epoch} loss {loss.item():.4f} lr {lr:.4g}", flush=True)
+
+
+def run_training(cfg: Config) -> list[dict[str, Any]]:
+    """Train to cfg.schedule.epochs (continuing a previous run in cfg.run.out_dir); per-epoch records."""
+    dist = init_distributed(cfg.run.device)
+    try:
+        return Trainer(cfg, dist).fit()
+    finally:
+        shutdown()
