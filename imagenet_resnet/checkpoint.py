@@ -55,7 +55,7 @@ def load_file(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found") from err
     except Exception as err:  # truncated zip, pickle garbage, ...: all mean "unusable"
         raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
+    if not isinstance(state, dict) or "model" not in state or "position" not in state:
         raise UserError(f"{path}: not a checkpoint written by imagenet_resnet")
     return state
 

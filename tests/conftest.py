@@ -1,0 +1,35 @@
+"""Shared fixtures: generated datasets in the real formats, and a runner for the real CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fakedata import make_cifar  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def run_module(module: str, *args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m module args` in a fresh process, as a user would run it."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    return make_cifar(tmp_path_factory.mktemp("cifar"), "cifar10", train_per_class=60, val_per_class=11)
