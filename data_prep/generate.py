@@ -1,0 +1,138 @@
+"""Write small ILSVRC2012 release archives for tests, the demo and benchmarks.
+
+Same format as the real files: a train tar of per-class tars `<wnid>.tar` holding
+`<wnid>_<n>.JPEG`; a flat val tar whose members are NOT in name order; a devkit tar.gz with
+`data/meta.mat` (leaves with ILSVRC2012_IDs that do not follow sorted-wnid order, then inner
+nodes) and `data/ILSVRC2012_validation_ground_truth.txt`. It plants the real set's problem
+files: a CMYK JPEG and a PNG named .JPEG in train, a CMYK JPEG in val, a greyscale JPEG.
+Each class has its own colour and stripe pattern, so a wrong label mapping shows up as
+chance-level accuracy.
+
+    python -m data_prep.generate --out data/demo/archives --classes 20 --train-per-class 60 --val-per-class 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image
+
+from data_prep.devkit import DEVKIT, TRAIN_TAR, VAL_TAR
+
+SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+                 "num_train_images")
+
+
+def class_image(label: int, rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """A colour per class plus a stripe orientation and frequency, with noise."""
+    colour = np.random.default_rng(label + 7).integers(30, 226, size=3)
+    yy, xx = np.mgrid[0:height, 0:width]
+    angle = np.pi * (label % 6) / 6
+    stripes = 45 * np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * (0.15 + 0.05 * (label % 3)))
+    pixels = colour[None, None, :] + stripes[..., None] + rng.normal(0, 18, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, kind: str = "rgb", quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    if kind == "png":
+        image.save(buf, "PNG")
+    elif kind == "cmyk":
+        image.convert("CMYK").save(buf, "JPEG", quality=quality)
+    elif kind == "grey":
+        image.convert("L").save(buf, "JPEG", quality=quality)
+    else:
+        image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 1_330_000_000
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_meta_mat(path: Path, wnids_by_id: list[str], train_counts: dict[str, int], inner_nodes: int) -> None:
+    """meta.mat as in the devkit: leaves with IDs 1..C (in ID order), then inner nodes."""
+    rows = []
+    for i, wnid in enumerate(wnids_by_id, start=1):
+        rows.append((i, wnid, f"class {wnid}, synset {i}", f"gloss of {wnid}", 0, np.zeros((0,), dtype=np.uint8),
+                     0, train_counts[wnid]))
+    leaves = len(wnids_by_id)
+    for j in range(inner_nodes):
+        children = np.arange(1 + j, leaves + 1, max(1, inner_nodes), dtype=np.uint16)
+        rows.append((leaves + 1 + j, f"n{90000000 + j:08d}", f"inner node {j}", "a parent", len(children), children,
+                     1 + j % 3, 0))
+    synsets = np.empty((len(rows), 1), dtype=[(f, object) for f in SYNSET_FIELDS])
+    for r, row in enumerate(rows):
+        synsets[r, 0] = row
+    scipy.io.savemat(path, {"synsets": synsets})
+
+
+def generate(out: Path, classes: int = 10, train_per_class: tuple[int, int] = (10, 14), val_per_class: int = 4,
+             size: tuple[int, int] = (64, 48), seed: int = 0, plant_problems: bool = True, quality: int = 90) -> Path:
+    """Write the three archives into `out`; returns `out`. Image sizes vary +-25% around `size`."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    wnids = sorted({f"n{x:08d}" for x in rng.choice(np.arange(1_000_000, 15_000_000), classes, replace=False)})
+    wnids_by_id = list(rng.permutation(wnids))  # ILSVRC2012_ID order differs from sorted order
+    if wnids_by_id == wnids and classes > 1:
+        wnids_by_id = wnids_by_id[1:] + wnids_by_id[:1]
+    label = {w: i for i, w in enumerate(wnids)}
+
+    def image(wnid: str) -> Image.Image:
+        w, h = (int(s * rng.uniform(0.75, 1.25)) for s in size)
+        return class_image(label[wnid], rng, w, h)
+
+    train_counts = {w: int(rng.integers(train_per_class[0], train_per_class[1] + 1)) for w in wnids}
+    with tarfile.open(out / TRAIN_TAR, "w") as outer:
+        for wnid in wnids:
+            inner_buf = io.BytesIO()
+            with tarfile.open(fileobj=inner_buf, mode="w") as inner:
+                for n in range(train_counts[wnid]):
+                    kind = "rgb"
+                    if plant_problems and wnid == wnids[0]:
+                        kind = {0: "cmyk", 1: "png", 2: "grey"}.get(n, "rgb")
+                    add_bytes(inner, f"{wnid}_{1000 + n}.JPEG", encode(image(wnid), kind, quality))
+            add_bytes(outer, f"{wnid}.tar", inner_buf.getvalue())
+
+    val_wnids = list(rng.permutation([w for w in wnids for _ in range(val_per_class)]))
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, len(val_wnids) + 1)]
+    with tarfile.open(out / VAL_TAR, "w") as val_tar:
+        for i in rng.permutation(len(names)):  # the real tar is not in name order either
+            kind = "cmyk" if plant_problems and i == len(names) // 2 else "rgb"
+            add_bytes(val_tar, names[i], encode(image(val_wnids[i]), kind, quality))
+
+    id_of = {w: i for i, w in enumerate(wnids_by_id, start=1)}
+    mat = io.BytesIO()
+    write_meta_mat(mat, wnids_by_id, train_counts, inner_nodes=max(2, classes // 4))
+    truth = "".join(f"{id_of[w]}\n" for w in val_wnids).encode()
+    with tarfile.open(out / DEVKIT, "w:gz") as devkit:
+        add_bytes(devkit, "ILSVRC2012_devkit_t12/data/meta.mat", mat.getvalue())
+        add_bytes(devkit, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", truth)
+        add_bytes(devkit, "ILSVRC2012_devkit_t12/readme.txt", b"generated by data_prep.generate\n")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Write small ILSVRC2012-format archives.")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, nargs=2, default=(10, 14), metavar=("MIN", "MAX"))
+    p.add_argument("--val-per-class", type=int, default=4)
+    p.add_argument("--size", type=int, nargs=2, default=(64, 48), metavar=("W", "H"))
+    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    generate(a.out, a.classes, tuple(a.train_per_class), a.val_per_class, tuple(a.size), a.seed, quality=a.quality)
+    print(f"wrote {TRAIN_TAR}, {VAL_TAR}, {DEVKIT} ({a.classes} classes) to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

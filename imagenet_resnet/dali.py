@@ -1,0 +1,106 @@
+"""NVIDIA DALI loaders for the prepared ImageNet layout; imported only when data.loader=dali.
+
+JPEG decoding runs on the GPU (nvJPEG, and the hardware decoder on A100/H100) with the
+random-resized crop fused into the decode; on a machine without a GPU the same pipeline runs
+on the CPU (device_id=None), which is how the tests exercise it.
+
+Each epoch builds a pipeline over exactly this rank's files, in the order TrainSampler gives
+(the order the torchvision loader uses too): sharding, shuffling, the mid-epoch start after a
+resume and the labels (from DEST/train.txt) are then the same whichever loader runs, and a
+val shard holds each image once, with no padding to trim.
+
+    train, val, num_classes = build_dali_loaders(cfg, dist, normalize)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from imagenet_resnet.config import Config
+from imagenet_resnet.data import Normalizer, TrainSampler, VAL_CROP_FRACTION, augmentation_seed, read_file_list, shard_range
+from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.errors import UserError
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as err:  # pragma: no cover - depends on the machine
+    raise UserError(
+        "data.loader=dali but NVIDIA DALI is not installed: pip install 'imagenet-resnet[dali]' "
+        "(nvidia-dali-cuda130), or use data.loader=torchvision"
+    ) from err
+
+
+@pipeline_def(enable_conditionals=False)
+def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train: bool, size: int, gpu: bool):
+    """Decode + (random-resized crop | resize-shorter + centre crop) + flip, uint8 HWC out."""
+    jpegs, label = fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
+                                   pad_last_batch=True, name="Reader")
+    decoder = "mixed" if gpu else "cpu"
+    if train:
+        images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
+                                               random_aspect_ratio=[3 / 4, 4 / 3], random_area=[0.08, 1.0],
+                                               num_attempts=100, hw_decoder_load=0.65)
+        images = fn.resize(images, resize_x=size, resize_y=size)
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, hw_decoder_load=0.65)
+        images = fn.resize(images, resize_shorter=round(size / VAL_CROP_FRACTION))
+        mirror = 0
+    images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", crop=(size, size), mirror=mirror)
+    return images, label.gpu() if gpu else label
+
+
+class DaliLoader:
+    """One split through DALI; yields normalised images and labels on the device."""
+
+    def __init__(self, cfg: Config, dist: DistInfo, normalize: Normalizer, split: str,
+                 samples: list[tuple[str, int]]) -> None:
+        self.root = str(Path(cfg.data.root) / split)
+        self.samples, self.normalize, self.dist = samples, normalize, dist
+        self.batch_size, self.size, self.threads = cfg.data.batch_size, cfg.data.image_size, max(1, cfg.data.workers)
+        self.seed = cfg.run.seed
+        self.train = split == "train"
+        self.num_images = len(samples)
+        if self.train:
+            self.sampler = TrainSampler(len(samples), dist, cfg.run.seed, cfg.data.batch_size)
+            self.steps_per_epoch = self.sampler.steps_per_epoch
+        else:
+            self.shard = list(shard_range(len(samples), dist.rank, dist.world_size))
+            self.steps_per_epoch = -(-len(self.shard) // self.batch_size)
+        self.epoch, self.start_step = 0, 0
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+        if self.train:
+            self.sampler.set_position(epoch, start_step)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self.sampler.indices() if self.train else self.shard
+        if not indices:
+            return
+        gpu = self.dist.device.type == "cuda"
+        pipe = imagenet_pipeline(
+            file_root=self.root, files=[self.samples[i][0] for i in indices], labels=[self.samples[i][1] for i in indices],
+            train=self.train, size=self.size, gpu=gpu,
+            batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
+            seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.start_step) % 2**31,
+        )
+        pipe.build()
+        batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
+                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        for out in batches:
+            images, labels = out[0]["images"], out[0]["labels"]
+            images = images.to(self.dist.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
+            yield self.normalize(images), labels.view(-1).long().to(self.dist.device, non_blocking=True)
+        del batches, pipe
+
+
+def build_dali_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer) -> tuple[DaliLoader, DaliLoader, int]:
+    train_samples, num_classes = read_file_list(Path(cfg.data.root), "train")
+    val_samples, _ = read_file_list(Path(cfg.data.root), "val")
+    return (DaliLoader(cfg, dist, normalize, "train", train_samples),
+            DaliLoader(cfg, dist, normalize, "val", val_samples), num_classes)
