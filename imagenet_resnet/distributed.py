@@ -67,6 +67,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BN running stats) over ranks.
+
+    Without SyncBN each rank's running statistics drift from its own batches after DDP's
+    broadcast at the start of forward; averaging before evaluation and saving makes the number
+    logged and the checkpoint written describe the same model.
+    """
+    if not torch_dist.is_initialized():
+        return
+    world = torch_dist.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            torch_dist.all_reduce(buf, op=torch_dist.ReduceOp.SUM)
+            buf.div_(world)
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (a one-element list in a single process)."""
     if not torch_dist.is_initialized():

@@ -29,6 +29,7 @@ from imagenet_resnet.distributed import (
     DistInfo,
     all_gather_objects,
     all_reduce_sum,
+    average_buffers,
     barrier,
     broadcast_object,
     init_distributed,
@@ -55,6 +56,8 @@ def build_network(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     """The model on its device, in channels_last on CUDA, SyncBN if asked; not yet wrapped."""
     net = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual)
     if cfg.model.sync_bn and dist.is_distributed:
+        if dist.device.type != "cuda":
+            raise UserError("config key model.sync_bn=true: PyTorch's SyncBatchNorm runs on CUDA only")
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     channels_last = cfg.run.channels_last and dist.device.type == "cuda"
     return net.to(dist.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -231,6 +234,7 @@ class Trainer:
         try:
             for epoch in range(self.position.epoch, self.cfg.schedule.epochs):
                 train_stats = self.train_epoch(epoch)
+                average_buffers(self.net)
                 val_stats = evaluate(self.net, self.val_loader, self.bf16, self.dist.device)
                 record = {"epoch": epoch, **train_stats, **val_stats}
                 records.append(record)

@@ -33,3 +33,17 @@ def run_module(module: str, *args: str, timeout: int = 600, check: bool = True) 
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
     return make_cifar(tmp_path_factory.mktemp("cifar"), "cifar10", train_per_class=60, val_per_class=11)
+
+
+@pytest.fixture(scope="session")
+def imagenet_root(tmp_path_factory) -> Path:
+    """A prepared ImageNet-layout folder: 7 classes, 21 val images (odd, so shards are uneven)."""
+    from data_prep.generate import generate
+
+    src = generate(tmp_path_factory.mktemp("archives"), classes=7, train_per_class=(14, 18), val_per_class=3,
+                   size=(48, 40), seed=5)
+    dest = tmp_path_factory.mktemp("prepared") / "imagenet"
+    proc = subprocess.run(["bash", "data_prep/prepare_imagenet.sh", str(src), str(dest)], cwd=REPO,
+                          env=dict(cli_env(), PYTHON=sys.executable, WORKERS="2"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return dest
