@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)  ## create .venv and install the package with DALI and test tools (reused when present)
 
 demo: $(STAMP)  ## generate small ILSVRC2012 archives, prepare them, train ResNet-18 with torchrun, evaluate, plot
-	bash launch/demo.sh
+	bash launch/demo.sh $(ARGS)
 
 test: $(STAMP)  ## the whole suite (unit + end-to-end with several processes)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
