@@ -57,6 +57,11 @@ class OptimConfig:
     nesterov: bool = False
     weight_decay: float = 1e-4  # never applied to norm layers or biases
     label_smoothing: float = 0.0
+    accumulation_steps: int = 1  # micro-batches per optimizer step; global batch includes it
+
+    def __post_init__(self) -> None:
+        if self.accumulation_steps < 1:
+            raise UserError(f"config key optim.accumulation_steps={self.accumulation_steps}: must be >= 1")
 
 
 @dataclass
@@ -87,10 +92,15 @@ class RunConfig:
     resume: str = ""  # a checkpoint path; empty: continue from out_dir/last.pt if present
     checkpoint_every_steps: int = 0  # also save inside an epoch every N steps (0: epoch ends only)
     log_every_steps: int = 50  # step loss/lr to wandb and plain log lines
+    # Resuming on a different number of processes: keep_global_batch changes gradient accumulation
+    # so the global batch and schedule stay as they were; scale_lr keeps the per-process batch and
+    # rescales lr by the linear rule.
+    on_world_size_change: str = "keep_global_batch"
 
     def __post_init__(self) -> None:
         _choice("run.device", self.device, ("auto", "cuda", "cpu"))
         _choice("run.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("run.on_world_size_change", self.on_world_size_change, ("keep_global_batch", "scale_lr"))
 
 
 @dataclass

@@ -42,6 +42,8 @@ from imagenet_resnet.optim import Schedule, build_optimizer, scaled_lr, set_lr
 
 # A checkpoint from a run that differs in these cannot continue this run.
 MUST_MATCH = ("model.name", "data.dataset")
+# Ranks agree on a SIGTERM this often (one tiny all-reduce): well inside torchrun's and Slurm's grace time.
+STOP_CHECK_EVERY_STEPS = 10
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -104,14 +106,16 @@ class Trainer:
         torch.manual_seed(cfg.run.seed + dist.rank)
         input_dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.train_loader, self.val_loader, self.num_classes = build_loaders(cfg, dist, input_dtype)
-        self.steps_per_epoch = self.train_loader.steps_per_epoch
+        self.net = build_network(cfg, self.num_classes, dist)
+        state, path = self._find_checkpoint()
+        self.accum = self._accumulation_steps(state)
+        self.global_batch = cfg.data.batch_size * dist.world_size * self.accum
+        self.steps_per_epoch = self.train_loader.steps_per_epoch // self.accum  # optimizer steps
         if self.steps_per_epoch < 1:
             raise UserError(
-                f"data.batch_size={cfg.data.batch_size} x {dist.world_size} processes is larger than the "
-                f"{self.train_loader.num_images} training images: not one full step per epoch"
+                f"data.batch_size={cfg.data.batch_size} x {dist.world_size} processes x {self.accum} accumulation "
+                f"steps is more than the {self.train_loader.num_images} training images: no full step per epoch"
             )
-        self.net = build_network(cfg, self.num_classes, dist)
-        self.global_batch = cfg.data.batch_size * dist.world_size
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
         self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr)
         self.schedule = Schedule.from_config(cfg.schedule, self.steps_per_epoch)
@@ -119,7 +123,8 @@ class Trainer:
         self.position = Position()
         self.train_sums = self._zero_sums()
         self.best_top1 = 0.0
-        resumed = self.restore()
+        if state is not None:
+            self._restore(state, path)
         if cfg.run.compile:
             self.net = torch.compile(self.net)
         self.model = (
@@ -128,7 +133,7 @@ class Trainer:
             else self.net
         )
         self.stop_requested = False
-        self.log = self._start_log(resumed) if dist.is_main else None
+        self.log = self._start_log(resumed=state is not None) if dist.is_main else None
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -146,49 +151,68 @@ class Trainer:
             flush=True,
         )
         print(
-            f"global batch {self.global_batch} = {self.cfg.data.batch_size} x {self.dist.world_size}; "
-            f"lr {self.peak_lr:g} = base_lr {self.cfg.optim.base_lr:g} x {self.global_batch}/256; "
+            f"global batch {self.global_batch} = {self.cfg.data.batch_size} x {self.dist.world_size}"
+            + (f" x {self.accum} accumulation" if self.accum > 1 else "")
+            + f"; lr {self.peak_lr:g} = base_lr {self.cfg.optim.base_lr:g} x {self.global_batch}/256; "
             f"warmup {self.schedule.warmup_steps} steps ({self.cfg.schedule.warmup_epochs:g} epochs); "
             f"{self.steps_per_epoch} steps/epoch, {self.cfg.schedule.epochs} epochs",
             flush=True,
         )
         return RunLog(self.cfg, self.out_dir, self.position.epoch, resumed)
 
-    def restore(self) -> bool:
-        """Continue from run.resume or out_dir's newest valid checkpoint; False for a fresh start."""
+    def _find_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
+        """run.resume, else out_dir's newest valid checkpoint; rank 0 chooses so all load the same file."""
         path = None
-        if self.dist.is_main:  # one rank chooses, so all ranks load the same file
-            if self.cfg.run.resume:
-                path = Path(self.cfg.run.resume)
-            else:
-                _, path = load_latest(self.out_dir)
+        if self.dist.is_main:
+            path = Path(self.cfg.run.resume) if self.cfg.run.resume else load_latest(self.out_dir)[1]
         path = broadcast_object(path)
         if path is None:
-            return False
+            return None, None
         state = load_file(path)
         self._check_compatible(state, path)
+        return state, path
+
+    def _accumulation_steps(self, state: dict[str, Any] | None) -> int:
+        """optim.accumulation_steps, or what keeps a resumed run's global batch on a new world size."""
+        per_step = self.cfg.data.batch_size * self.dist.world_size
+        if state is None or state["world_size"] == self.dist.world_size:
+            return self.cfg.optim.accumulation_steps
+        if self.cfg.run.on_world_size_change == "scale_lr":
+            return self.cfg.optim.accumulation_steps
+        if state["global_batch"] % per_step:
+            raise UserError(
+                f"resume on {self.dist.world_size} processes with run.on_world_size_change=keep_global_batch: the "
+                f"global batch {state['global_batch']} is not a multiple of data.batch_size x processes = {per_step}; "
+                f"choose another data.batch_size or run.on_world_size_change=scale_lr"
+            )
+        return state["global_batch"] // per_step
+
+    def _restore(self, state: dict[str, Any], path: Path) -> None:
         unwrap(self.net).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        set_lr(self.optimizer, self.peak_lr)  # the saved group lr came from the old global batch
         self.best_top1 = state["best_top1"]
         pos = state["position"]
-        if state["global_batch"] == self.global_batch and state["world_size"] == self.dist.world_size:
+        same_world = state["world_size"] == self.dist.world_size
+        if same_world and state["global_batch"] == self.global_batch:
             self.position = Position(**pos)
             self.train_sums = state["train_sums"][self.dist.rank].to(self.dist.device)
             restore_rng(state["rng"][self.dist.rank])
         else:
-            # A different world size: keep the images-seen count, rescale lr by the linear rule.
+            # Keep the count of images already seen this epoch: the same prefix of the epoch's permutation.
             done = pos["step_in_epoch"] * state["global_batch"] // self.global_batch
             self.position = Position(pos["epoch"], done, pos["epoch"] * self.steps_per_epoch + done)
-            if self.dist.is_main:
+            if self.dist.is_main:  # the partial epoch's sums, all on one rank: the totals stay right
+                self.train_sums = sum(state["train_sums"]).to(self.dist.device)
                 print(
-                    f"resume: world size {state['world_size']} -> {self.dist.world_size}, global batch "
-                    f"{state['global_batch']} -> {self.global_batch}; lr rescaled to {self.peak_lr:g} "
-                    f"(linear rule); epoch {pos['epoch']} continues at step {done}",
+                    f"resume: {state['world_size']} -> {self.dist.world_size} processes "
+                    f"(run.on_world_size_change={self.cfg.run.on_world_size_change}): global batch "
+                    f"{state['global_batch']} -> {self.global_batch} with {self.accum} accumulation step(s), "
+                    f"lr {self.peak_lr:g}; epoch {pos['epoch']} continues at step {done}",
                     flush=True,
                 )
         if self.dist.is_main:
             print(f"resumed from {path}: epoch {self.position.epoch}, step {self.position.step_in_epoch}", flush=True)
-        return True
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
         saved, now = config_to_dict(config_from_dict(state["config"])), config_to_dict(self.cfg)
@@ -265,7 +289,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         start = self.position.step_in_epoch
-        self.train_loader.set_position(epoch, start)
+        self.train_loader.set_position(epoch, start * self.accum)
         log_every = max(1, self.cfg.run.log_every_steps)
         show_bar = self.dist.is_main and sys.stderr.isatty()
         bar = tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch}", disable=not show_bar, leave=False)
@@ -273,26 +297,33 @@ class Trainer:
         wait_s, epoch_start = 0.0, time.perf_counter()
         batches: Iterable = iter(self.train_loader)
         for step in range(start, self.steps_per_epoch):
-            fetch_start = time.perf_counter()
-            images, labels = next(batches)
-            wait_s += time.perf_counter() - fetch_start
             set_lr(self.optimizer, self.peak_lr * self.schedule.factor(self.position.global_step))
-            with autocast(self.dist.device, self.bf16):
-                logits = self.model(images)
-                loss = self.criterion(logits, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for micro in range(self.accum):
+                fetch_start = time.perf_counter()
+                images, labels = next(batches)
+                wait_s += time.perf_counter() - fetch_start
+                last_micro = micro == self.accum - 1
+                # DDP all-reduces gradients on the last micro-batch only.
+                skip_sync = self.model.no_sync() if self.dist.is_distributed and not last_micro else contextlib.nullcontext()
+                with skip_sync:
+                    with autocast(self.dist.device, self.bf16):
+                        logits = self.model(images)
+                        loss = self.criterion(logits, labels)
+                    (loss / self.accum).backward()
+                loss = loss.detach().double()
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+                self.train_sums += torch.stack([loss * labels.numel(), topk_correct(logits, labels, (1,))[0].double(),
+                                                torch.tensor(labels.numel(), dtype=torch.float64, device=loss.device)])
             self.optimizer.step()
-            loss = loss.detach().double()
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            self.train_sums += torch.stack([loss * labels.numel(), topk_correct(logits, labels, (1,))[0].double(),
-                                            torch.tensor(labels.numel(), dtype=torch.float64, device=loss.device)])
+            self.optimizer.zero_grad(set_to_none=True)
             self.position = Position(epoch, step + 1, self.position.global_step + 1)
             bar.update(1)
             done = step + 1
-            if done % log_every == 0 or done == self.steps_per_epoch or self._checkpoint_due(done):
+            log_due = done % log_every == 0 or done == self.steps_per_epoch
+            if log_due or done % STOP_CHECK_EVERY_STEPS == 0 or self._checkpoint_due(done):
                 self._check_finite(first_bad, epoch)
-                self._log_step(epoch, done, loss, show_bar)
+                if log_due:
+                    self._log_step(epoch, done, loss, show_bar)
                 if self._stop_agreed():
                     self.save()
                     raise StopRequested

@@ -1,0 +1,181 @@
+"""Kills, restarts, preemption and bad steps, with real processes and real signals."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, cli_env, run_module
+from imagenet_resnet.metrics import read_metrics
+
+pytestmark = pytest.mark.e2e
+
+EXACT_KEYS = ("epoch", "train_loss", "train_top1", "lr", "val_loss", "val_top1", "val_top5", "val_images")
+
+
+def train_cmd(nproc: int, cifar_root: Path, out: Path, *extra: str, max_restarts: int = 0) -> list[str]:
+    args = ["--config", "configs/cifar10_resnet20.yaml", f"data.root={cifar_root}", f"run.out_dir={out}",
+            "schedule.epochs=2", "run.checkpoint_every_steps=3", "run.log_every_steps=1", "wandb.mode=disabled",
+            f"data.batch_size={32 // nproc}", *extra]
+    if nproc == 1:
+        return [sys.executable, "-m", "imagenet_resnet.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "imagenet_resnet.train", *args]
+
+
+def start(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
+    """Read the process's output until a line contains `text`; return what was read."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"never saw {text!r}:\n" + "".join(seen)[-3000:])
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def exact(records: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in EXACT_KEYS} for r in records]
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
+def reference(request, cifar_root, tmp_path_factory):
+    """An uninterrupted run, to compare every interrupted one against."""
+    nproc = request.param
+    out = tmp_path_factory.mktemp(f"reference{nproc}")
+    finish(start(train_cmd(nproc, cifar_root, out)))
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    return nproc, exact(records)
+
+
+def test_sigkill_at_random_moments_then_same_command_gives_identical_metrics(reference, cifar_root, tmp_path):
+    nproc, expected = reference
+    rng = random.Random(nproc)
+    out = tmp_path / "run"
+    for kill in range(2):
+        proc = start(train_cmd(nproc, cifar_root, out))
+        wait_for(proc, "step ")  # training (not just imports) is under way
+        time.sleep(rng.uniform(0.2, 3.0))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finish(start(train_cmd(nproc, cifar_root, out)))
+    assert exact(read_metrics(out)) == expected  # every epoch once, every number the same
+
+
+def test_elastic_restart_after_a_worker_dies(cifar_root, tmp_path, reference):
+    nproc, expected = reference
+    if nproc != 2:
+        pytest.skip("elastic restarts need a process group")
+    out = tmp_path / "run"
+    proc = start(train_cmd(2, cifar_root, out, max_restarts=2))
+    wait_for(proc, "epoch 0 step 8/")
+    workers = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "imagenet_resnet.train"],
+                                              capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)  # one worker dies mid-epoch; torchrun restarts the group
+    output = finish(proc)
+    assert "resumed from" in output
+    assert exact(read_metrics(out)) == expected
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(cifar_root, tmp_path, reference):
+    nproc, expected = reference
+    out = tmp_path / "run"
+    proc = start(train_cmd(nproc, cifar_root, out))
+    wait_for(proc, "epoch 1 step 2/")
+    proc.send_signal(signal.SIGTERM)  # to torchrun for 2 processes: it passes SIGTERM on to its workers
+    output = proc.communicate(timeout=300)[0]
+    assert "stopped by SIGTERM at epoch 1" in output, output[-3000:]
+    if nproc == 1:
+        assert proc.returncode == 0
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["position"]["epoch"] == 1 and state["position"]["step_in_epoch"] > 0
+    finish(start(train_cmd(nproc, cifar_root, out)))
+    assert exact(read_metrics(out)) == expected
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(cifar_root, tmp_path, reference):
+    nproc, expected = reference
+    if nproc != 1:
+        pytest.skip("the fallback is rank 0's choice; once is enough")
+    out = tmp_path / "run"
+    finish(start(train_cmd(1, cifar_root, out, "run.checkpoint_every_steps=0")))
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])  # a truncated write
+    output = finish(start(train_cmd(1, cifar_root, out, "run.checkpoint_every_steps=0")))
+    assert "last.pt: unreadable checkpoint" in output and "trying the previous checkpoint" in output
+    assert "resumed from" in output and "last.pt.prev: epoch 1, step 0" in output
+    assert exact(read_metrics(out)) == expected
+
+
+def test_explicit_resume_path_into_a_new_folder(cifar_root, tmp_path, reference):
+    nproc, expected = reference
+    if nproc != 1:
+        pytest.skip("single process is enough")
+    first = tmp_path / "first"
+    proc = start(train_cmd(1, cifar_root, first))
+    wait_for(proc, "epoch 1 step 4/")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    epoch = torch.load(first / "last.pt", weights_only=False)["position"]["epoch"]
+    second = tmp_path / "second"
+    output = finish(start(train_cmd(1, cifar_root, second, f"run.resume={first / 'last.pt'}")))
+    assert f"resumed from {first / 'last.pt'}: epoch {epoch}" in output
+    assert exact(read_metrics(second)) == expected[epoch:]
+
+
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(cifar_root, tmp_path, reference):
+    nproc, _ = reference
+    if nproc != 2:
+        pytest.skip("2 processes: the ranks must agree to stop")
+    out = tmp_path / "run"
+    finish(start(train_cmd(nproc, cifar_root, out, "schedule.epochs=1", "run.checkpoint_every_steps=0")))
+    before = (out / "last.pt").read_bytes()
+    proc = start(train_cmd(nproc, cifar_root, out, "optim.base_lr=1e12", "run.checkpoint_every_steps=0"))
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0
+    assert "non-finite training loss at epoch 1, step" in output
+    assert (out / "last.pt").read_bytes() == before
+    assert [r["epoch"] for r in read_metrics(out)] == [0]
+
+
+@pytest.mark.parametrize("policy, expect", [
+    ("keep_global_batch", "global batch 32 -> 32 with 2 accumulation step(s), lr 0.1"),
+    ("scale_lr", "global batch 32 -> 16 with 1 accumulation step(s), lr 0.05"),
+])
+def test_resume_on_a_different_world_size_follows_the_policy(cifar_root, tmp_path, reference, policy, expect):
+    nproc, _ = reference
+    if nproc != 2:
+        pytest.skip("starts on 2 processes, resumes on 1")
+    out = tmp_path / "run"
+    proc = start(train_cmd(2, cifar_root, out, "optim.base_lr=0.8"))
+    wait_for(proc, "epoch 1 step 5/")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    output = finish(start(train_cmd(1, cifar_root, out, "optim.base_lr=0.8", "data.batch_size=16",
+                                    f"run.on_world_size_change={policy}")))
+    assert "resume: 2 -> 1 processes" in output and expect in output
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1] and records[-1]["val_images"] == 110
