@@ -22,9 +22,6 @@ import scipy.io
 from imagenet_resnet.cli import run_main
 from imagenet_resnet.errors import UserError
 
-TRAIN_TAR = "ILSVRC2012_img_train.tar"  # the release files, as downloaded
-VAL_TAR = "ILSVRC2012_img_val.tar"
-DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
 META = "data/meta.mat"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 VAL_NAME = "ILSVRC2012_val_{:08d}.JPEG"

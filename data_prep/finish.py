@@ -23,12 +23,9 @@ from pathlib import Path
 from PIL import Image
 
 from data_prep import devkit as devkit_mod
-from data_prep.devkit import DEVKIT, TRAIN_TAR, VAL_TAR
+from data_prep.layout import COMPLETE_MARKER, DEVKIT, MANIFEST, TRAIN_TAR, VAL_TAR
 from imagenet_resnet.cli import run_main
-from imagenet_resnet.data import COMPLETE_MARKER
 from imagenet_resnet.errors import UserError
-
-MANIFEST = "manifest.json"
 
 
 def source_stamp(src: Path) -> dict[str, list[int]]:

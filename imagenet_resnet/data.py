@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from data_prep.layout import COMPLETE_MARKER
 from imagenet_resnet.config import Config
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
@@ -33,7 +34,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 VAL_CROP_FRACTION = 0.875  # val: resize shorter side to size / 0.875, centre crop (224 of 256)
-COMPLETE_MARKER = "COMPLETE"  # written last by `make prepare-imagenet`
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from fakedata import make_cifar  # noqa: E402
+from data_prep.generate import generate_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +31,7 @@ def run_module(module: str, *args: str, timeout: int = 600, check: bool = True) 
 
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
-    return make_cifar(tmp_path_factory.mktemp("cifar"), "cifar10", train_per_class=60, val_per_class=11)
+    return generate_cifar(tmp_path_factory.mktemp("cifar"), "cifar10", train_per_class=60, val_per_class=11)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, cli_env
-from data_prep.devkit import DEVKIT, TRAIN_TAR, VAL_TAR
+from data_prep.layout import DEVKIT, TRAIN_TAR, VAL_TAR
 from data_prep.generate import generate
 
 

@@ -1,0 +1,325 @@
+"""Benchmarks behind docs/BENCHMARKS.md: model step, loaders, end to end, CIFAR epoch, data_prep.
+
+    python -m imagenet_resnet.bench --out bench                  # all this machine can run
+    python -m imagenet_resnet.bench --out bench --only model,prep --quick
+
+Every figure goes to <out>/results.json and <out>/results.md with the device, software versions,
+command and date. Without a GPU, the GPU-only configurations are listed as skipped and the rest
+run at sizes a CPU finishes in minutes (marked in the notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from imagenet_resnet.config import load_config
+from imagenet_resnet.data import build_loaders
+from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.metrics import read_metrics
+from imagenet_resnet.models import build_model
+from imagenet_resnet.optim import build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("model", "loader", "e2e", "cifar", "prep")
+
+
+@dataclass
+class Record:
+    section: str
+    name: str
+    value: float | None  # None: skipped
+    unit: str
+    notes: str = ""
+
+
+def environment() -> dict[str, str]:
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), platform.processor())
+        device = f"CPU: {model}, {os.cpu_count()} cores"
+    try:
+        import nvidia.dali
+
+        dali = nvidia.dali.__version__
+    except ImportError:
+        dali = "not installed"
+    import torchvision
+
+    return {"device": device, "torch": torch.__version__, "torchvision": torchvision.__version__, "dali": dali,
+            "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(["python -m imagenet_resnet.bench", *sys.argv[1:]])}
+
+
+def timed(fn: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds for `steps` calls after `warmup` untimed ones, the device drained at both ends."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+# --- 1. model step on device-resident data ----------------------------------------------------
+
+
+def train_step_fn(model: nn.Module, optimizer, images, labels, bf16: bool) -> Callable[[], None]:
+    criterion = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_model(device: torch.device, quick: bool) -> list[Record]:
+    cuda = device.type == "cuda"
+    names = ["resnet18"] if quick else ["resnet18", "resnet50", "seresnet50"]
+    size, batches = (224, (128, 256)) if cuda else (128, (16,))
+    variants = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", True, True)]
+    cfg = load_config(None, ["optim.base_lr=0.1"])
+    records = []
+    for name in names:
+        for batch in batches:
+            images = torch.randn(batch, 3, size, size, device=device)
+            labels = torch.randint(0, 1000, (batch,), device=device)
+            # Reference: pytorch/examples' step (torchvision-style model, fp32, NCHW, plain SGD).
+            ref_model = build_model(name, 1000, zero_init_residual=False).to(device)
+            ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+            seconds = timed(train_step_fn(ref_model, ref_opt, images, labels, False), 2, 3 if not cuda else 30, device)
+            reference = batch * (3 if not cuda else 30) / seconds
+            records.append(Record("model", f"{name} b{batch} reference fp32 NCHW", reference, "images/s",
+                                  f"{size}px; pytorch/examples step"))
+            del ref_model, ref_opt
+            for precision, channels_last, compiled in variants:
+                label = f"{name} b{batch} ours {precision}{' channels_last' if channels_last else ''}" \
+                        f"{' compile' if compiled else ''}"
+                if not cuda and (precision == "bf16" or compiled):
+                    records.append(Record("model", label, None, "images/s", "skipped: GPU configuration"))
+                    continue
+                fmt = torch.channels_last if channels_last else torch.contiguous_format
+                model = build_model(name, 1000).to(device, memory_format=fmt)
+                opt = build_optimizer(model, cfg.optim, 0.1)
+                net = torch.compile(model) if compiled else model
+                x = images.contiguous(memory_format=fmt)
+                steps = 30 if cuda else 3
+                seconds = timed(train_step_fn(net, opt, x, labels, precision == "bf16"), 10 if compiled else 3, steps,
+                                device)
+                speed = batch * steps / seconds
+                records.append(Record("model", label, speed, "images/s", f"{size}px; {speed / reference:.2f}x reference"))
+                del model, opt, net
+    return records
+
+
+# --- shared: a prepared folder of ImageNet-sized JPEGs -----------------------------------------
+
+
+def prepared_folder(work: Path, classes: int, per_class: int) -> Path:
+    from data_prep.generate import generate
+
+    src = generate(work / "archives", classes=classes, train_per_class=(per_class, per_class),
+                   val_per_class=max(2, per_class // 5), size=(500, 375), quality=90, plant_problems=False)
+    dest = work / "imagenet"
+    env = dict(os.environ, PYTHON=sys.executable, WORKERS=str(os.cpu_count()))
+    subprocess.run(["bash", str(REPO / "data_prep/prepare_imagenet.sh"), str(src), str(dest)], check=True, env=env,
+                   cwd=REPO, stdout=subprocess.DEVNULL)
+    return dest
+
+
+# --- 2. loaders alone ---------------------------------------------------------------------------
+
+
+def bench_loader(device: torch.device, quick: bool, work: Path) -> list[Record]:
+    cuda = device.type == "cuda"
+    root = prepared_folder(work, classes=8, per_class=16 if quick else 64)
+    batch = 128 if cuda else 32
+    records = []
+    for loader in ("torchvision", "dali"):
+        cfg = load_config(None, [f"data.root={root}", "data.dataset=imagenet", f"data.loader={loader}",
+                                 "data.image_size=224", f"data.batch_size={batch}", f"data.workers={os.cpu_count()}"])
+        try:
+            train, val, _ = build_loaders(cfg, DistInfo(0, 0, 1, device), torch.bfloat16 if cuda else torch.float32)
+        except Exception as err:  # DALI missing on this machine: say so in the table
+            records.append(Record("loader", f"{loader}", None, "images/s", f"skipped: {err}"))
+            continue
+        for split, it in (("train", train), ("val", val)):
+            list(it)  # warm: workers, pipeline build, page cache
+            start = time.perf_counter()
+            count = sum(len(y) for _, y in it)
+            if cuda:
+                torch.cuda.synchronize()
+            speed = count / (time.perf_counter() - start)
+            where = "GPU decode" if (loader == "dali" and cuda) else "CPU decode"
+            records.append(Record("loader", f"{loader} {split}", speed, "images/s",
+                                  f"{count} JPEGs 500x375 q90 -> 224px, batch {batch}, {os.cpu_count()} workers, {where}"))
+    return records
+
+
+# --- 3. end to end and 4. CIFAR: the real trainer in a subprocess --------------------------------
+
+
+def run_trainer(config: str, out: Path, overrides: list[str]) -> list[dict]:
+    nproc = max(1, torch.cuda.device_count())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "imagenet_resnet.train", "--config", config, f"run.out_dir={out}", "wandb.mode=disabled", *overrides]
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return read_metrics(out)
+
+
+def bench_e2e(device: torch.device, quick: bool, work: Path) -> list[Record]:
+    cuda = device.type == "cuda"
+    root = work / "imagenet" if (work / "imagenet" / "COMPLETE").exists() else prepared_folder(work, 8, 16 if quick else 64)
+    model, size, batch = ("resnet50", 224, 256) if cuda else ("resnet18", 112, 32)
+    records = []
+    for loader in ("torchvision", "dali"):
+        try:
+            metrics = run_trainer("configs/imagenet_resnet50.yaml", work / f"e2e_{loader}", [
+                f"model.name={model}", f"data.root={root}", f"data.loader={loader}", f"data.image_size={size}",
+                f"data.batch_size={batch}", f"data.workers={os.cpu_count()}", "schedule.epochs=2",
+                "schedule.warmup_epochs=0", "run.checkpoint_every_steps=0"])
+        except subprocess.CalledProcessError as err:
+            records.append(Record("e2e", f"{model} {loader}", None, "images/s", f"failed: {err}"))
+            continue
+        last = metrics[-1]  # the second epoch: workers and caches warm
+        records.append(Record("e2e", f"{model} {loader}", last["images_per_sec"], "images/s",
+                              f"{size}px, batch {batch}/process; data wait {100 * last['data_wait_fraction']:.0f}% of step time"))
+    return records
+
+
+def bench_cifar(device: torch.device, quick: bool, work: Path) -> list[Record]:
+    from data_prep.generate import generate_cifar
+
+    per_class = 5000 if device.type == "cuda" and not quick else 200
+    generate_cifar(work / "cifar", "cifar10", train_per_class=per_class, val_per_class=per_class // 5)
+    metrics = run_trainer("configs/cifar10_resnet56.yaml", work / "cifar_run",
+                          [f"data.root={work / 'cifar'}", "schedule.epochs=2"])
+    last = metrics[-1]
+    images = per_class * 10
+    return [Record("cifar", "cifar_resnet56 epoch (device loader, batch 128)", 50_000 / last["images_per_sec"],
+                   "s per 50k images", f"measured on {images} images: {last['images_per_sec']:.0f} images/s"
+                   + ("" if images == 50_000 else "; scaled to 50k"))]
+
+
+# --- 5. data_prep against the classic serial recipe ------------------------------------------------
+
+SERIAL_RECIPE = """
+set -e
+mkdir -p "$DEST/train" "$DEST/val"
+tar -xf "$SRC/ILSVRC2012_img_train.tar" -C "$DEST/train"
+cd "$DEST/train"
+for f in *.tar; do d="${f%.tar}"; mkdir -p "$d"; tar -xf "$f" -C "$d"; rm "$f"; done
+tar -xf "$SRC/ILSVRC2012_img_val.tar" -C "$DEST/val"
+cd "$DEST/val" && bash "$VALPREP"
+"""
+
+
+def bench_prep(quick: bool, work: Path) -> list[Record]:
+    from data_prep.devkit import read_devkit
+    from data_prep.layout import DEVKIT
+    from data_prep.generate import generate
+
+    src = generate(work / "prep_archives", classes=16 if quick else 100, train_per_class=(20, 20) if quick else (100, 100),
+                   val_per_class=5, size=(500, 375), quality=90)
+    total = sum(p.stat().st_size for p in src.iterdir())
+    kit = read_devkit(src / DEVKIT)
+    valprep = work / "valprep.sh"  # the classic valprep.sh: one mkdir + mv per image
+    valprep.write_text("".join(f"mkdir -p {w}\nmv {name} {w}/\n" for name, w in sorted(kit.val_wnids.items())))
+
+    def run(cmd: list[str], env: dict[str, str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=dict(os.environ, **env), cwd=REPO, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    ours = run(["bash", "data_prep/prepare_imagenet.sh", str(src), str(work / "prep_ours")],
+               {"PYTHON": sys.executable, "WORKERS": str(os.cpu_count())})
+    serial = run(["bash", "-c", SERIAL_RECIPE], {"SRC": str(src), "DEST": str(work / "prep_serial"), "VALPREP": str(valprep)})
+    floor_dir = work / "prep_floor"
+    floor_dir.mkdir()
+    floor = run(["bash", "-c", f"for f in {src}/*.tar; do cp \"$f\" {floor_dir}/; done"], {})
+    mb = total / 1e6
+    note = f"{mb:.0f} MB of archives, {os.cpu_count()} cores, files in page cache"
+    return [
+        Record("prep", "make prepare-imagenet (extract + convert + lists + verify)", mb / ours, "MB/s", note),
+        Record("prep", "classic serial recipe (untar, untar each class, valprep.sh)", mb / serial, "MB/s", note),
+        Record("prep", "floor: copy each archive byte once (cp)", mb / floor, "MB/s", note),
+        Record("prep", "speed-up of prepare-imagenet over the serial recipe", serial / ours, "x", note),
+    ]
+
+
+def markdown(env: dict[str, str], records: list[Record]) -> str:
+    lines = [f"Device: {env['device']}; torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, "
+             f"Python {env['python']}; {env['date']}; `{env['command']}`", ""]
+    for section in SECTIONS:
+        rows = [r for r in records if r.section == section]
+        if not rows:
+            continue
+        lines += [f"### {section}", "", "| benchmark | value | unit | notes |", "|---|---:|---|---|"]
+        lines += [f"| {r.name} | {'-' if r.value is None else f'{r.value:,.1f}'} | {r.unit} | {r.notes} |" for r in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Measure throughput; write JSON and a Markdown table.")
+    p.add_argument("--out", type=Path, default=Path("bench"))
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="smallest sizes (for the test suite)")
+    a = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment()
+    sections = a.only.split(",")
+    records: list[Record] = []
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        for section in sections:
+            print(f"bench: {section} ...", flush=True)
+            if section == "model":
+                records += bench_model(device, a.quick)
+            elif section == "loader":
+                records += bench_loader(device, a.quick, work)
+            elif section == "e2e":
+                records += bench_e2e(device, a.quick, work)
+            elif section == "cifar":
+                records += bench_cifar(device, a.quick, work)
+            elif section == "prep":
+                records += bench_prep(a.quick, work)
+            else:
+                raise SystemExit(f"error: --only {section}: expected some of {', '.join(SECTIONS)}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "results.json").write_text(json.dumps({"environment": env, "records": [asdict(r) for r in records]},
+                                                   indent=1))
+    table = markdown(env, records)
+    (a.out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""`make bench` on the CPU: the harness runs, records its conditions, and says what it skipped."""
+
+import json
+
+from conftest import run_module
+
+
+def test_bench_quick_writes_json_and_markdown_with_conditions(tmp_path):
+    run_module("imagenet_resnet.bench", "--out", str(tmp_path), "--quick", "--only", "model,prep")
+    results = json.loads((tmp_path / "results.json").read_text())
+    env = results["environment"]
+    assert {"device", "torch", "torchvision", "dali", "date", "command"} <= env.keys()
+    records = results["records"]
+    model = [r for r in records if r["section"] == "model"]
+    assert any("reference fp32" in r["name"] and r["value"] > 0 for r in model)
+    if "CPU" in env["device"]:
+        assert all(r["value"] is None and "skipped" in r["notes"] for r in model if "bf16" in r["name"])
+    prep = {r["name"]: r for r in records if r["section"] == "prep"}
+    assert len(prep) == 4 and all(r["value"] > 0 for r in prep.values())
+    table = (tmp_path / "results.md").read_text()
+    assert "### model" in table and "### prep" in table and env["device"] in table
