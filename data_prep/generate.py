@@ -15,6 +15,7 @@ chance-level accuracy.
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import pickle
 import tarfile
@@ -160,6 +161,27 @@ def generate_cifar(root: Path, dataset: str = "cifar10", train_per_class: int = 
     else:
         dump("train", train_x, train_y)
         dump("test", val_x, val_y)
+    return Path(root)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """The idx format of MNIST: 0x00 0x00 0x08 ndim, big-endian dims, then the bytes."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def generate_mnist(root: Path, train_per_class: int = 50, val_per_class: int = 10, gz: bool = True, seed: int = 0) -> Path:
+    """train-images-idx3-ubyte[.gz] and friends: 28x28 greyscale, a pattern per class."""
+    rng = np.random.default_rng(seed)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    for prefix, per_class in (("train", train_per_class), ("t10k", val_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10), per_class))
+        images = cifar_images(labels, 28, rng).mean(axis=1)  # one channel
+        suffix = ".gz" if gz and prefix == "train" else ""  # both forms occur in the wild
+        write_idx(Path(root) / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(Path(root) / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
     return Path(root)
 
 

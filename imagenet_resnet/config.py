@@ -11,6 +11,7 @@ dotted names. Unknown keys, wrong types and bad choices are refused with the key
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,20 +32,28 @@ class ModelConfig:
     name: str = "cifar_resnet20"  # a name from imagenet_resnet.models.list_models()
     zero_init_residual: bool = True  # last BN gamma of each block starts at 0 (Goyal et al. 2017)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+    init_from: str = ""  # weights to start from: a checkpoint of this project or a torchvision/timm state_dict file
+    freeze: str = "none"  # none | backbone (train the head only) | up_to_stage:K (stem and stages 1..K fixed)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"none|backbone|up_to_stage:[1-9]", self.freeze):
+            raise UserError(f"config key model.freeze={self.freeze!r}: expected none, backbone or up_to_stage:K")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | imagenet
-    root: str = "data"  # cifar: holds cifar-10-batches-py/; imagenet: the prepare-imagenet DEST
+    dataset: str = "cifar10"  # cifar10 | cifar100 | mnist | fashion_mnist | imagenet | folder
+    # cifar: holds cifar-10-batches-py/; mnist: the idx files; imagenet: the prepare-imagenet DEST;
+    # folder: any train/<class>/, val/<class>/ image folders
+    root: str = "data"
     batch_size: int = 128  # per process; the global batch is this x world size
     image_size: int = 32  # train crop and val centre crop, in pixels
     loader: str = "auto"  # auto | device (CIFAR, whole set on the device) | torchvision | dali
     workers: int = 8  # DataLoader worker processes (torchvision) or DALI threads, per process
-    crop_padding: int = 4  # CIFAR augmentation: zero-pad then random crop (He et al. 2016)
+    crop_padding: int = 4  # CIFAR/MNIST augmentation: zero-pad then random crop (He et al. 2016)
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, ("cifar10", "cifar100", "imagenet"))
+        _choice("data.dataset", self.dataset, ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "folder"))
         _choice("data.loader", self.loader, ("auto", "device", "torchvision", "dali"))
         if self.batch_size < 1:
             raise UserError(f"config key data.batch_size={self.batch_size}: must be >= 1")
@@ -58,6 +67,7 @@ class OptimConfig:
     weight_decay: float = 1e-4  # never applied to norm layers or biases
     label_smoothing: float = 0.0
     accumulation_steps: int = 1  # micro-batches per optimizer step; global batch includes it
+    pretrained_lr_scale: float = 1.0  # lr multiplier for weights loaded by model.init_from (fine-tuning)
 
     def __post_init__(self) -> None:
         if self.accumulation_steps < 1:
@@ -89,6 +99,7 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
     channels_last: bool = True  # NHWC activations on cuda (tensor cores); ignored on cpu
     compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs; pays off for small CIFAR nets) | max-autotune
     resume: str = ""  # a checkpoint path; empty: continue from out_dir/last.pt if present
     checkpoint_every_steps: int = 0  # also save inside an epoch every N steps (0: epoch ends only)
     log_every_steps: int = 50  # step loss/lr to wandb and plain log lines
@@ -100,6 +111,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice("run.device", self.device, ("auto", "cuda", "cpu"))
         _choice("run.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("run.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
         _choice("run.on_world_size_change", self.on_world_size_change, ("keep_global_batch", "scale_lr"))
 
 

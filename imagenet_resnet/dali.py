@@ -9,7 +9,7 @@ Each epoch builds a pipeline over exactly this rank's files, in the order TrainS
 resume and the labels (from DEST/train.txt) are then the same whichever loader runs, and a
 val shard holds each image once, with no padding to trim.
 
-    train, val, num_classes = build_dali_loaders(cfg, dist, normalize)
+    train, val = build_dali_loaders(cfg, dist, normalize, samples)
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from imagenet_resnet.config import Config
-from imagenet_resnet.data import Normalizer, TrainSampler, VAL_CROP_FRACTION, augmentation_seed, read_file_list, shard_range
+from imagenet_resnet.data import Normalizer, Samples, TrainSampler, VAL_CROP_FRACTION, augmentation_seed, shard_range
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
 
@@ -99,8 +99,6 @@ class DaliLoader:
         del batches, pipe
 
 
-def build_dali_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer) -> tuple[DaliLoader, DaliLoader, int]:
-    train_samples, num_classes = read_file_list(Path(cfg.data.root), "train")
-    val_samples, _ = read_file_list(Path(cfg.data.root), "val")
-    return (DaliLoader(cfg, dist, normalize, "train", train_samples),
-            DaliLoader(cfg, dist, normalize, "val", val_samples), num_classes)
+def build_dali_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer, samples: Samples) -> tuple[DaliLoader, DaliLoader]:
+    return (DaliLoader(cfg, dist, normalize, "train", samples["train"]),
+            DaliLoader(cfg, dist, normalize, "val", samples["val"]))

@@ -1,4 +1,4 @@
-"""Datasets and loaders: CIFAR resident on the device, ImageNet through torchvision or DALI.
+"""Datasets and loaders: CIFAR and MNIST resident on the device, image folders through torchvision or DALI.
 
 Every loader yields `(images, labels)` already on the device, images normalised in the model's
 dtype and memory format, and follows the same two rules:
@@ -15,6 +15,7 @@ dtype and memory format, and follows the same two rules:
 
 from __future__ import annotations
 
+import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,31 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 VAL_CROP_FRACTION = 0.875  # val: resize shorter side to size / 0.875, centre crop (224 of 256)
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+
+
+@dataclass(frozen=True)
+class SmallDataset:
+    """A dataset that fits on the device: normalisation, whether flips are label-preserving, channels."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool
+    channels: int
+
+
+SMALL_DATASETS = {
+    "cifar10": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3),
+    "cifar100": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3),
+    "mnist": SmallDataset((0.1307,), (0.3081,), flip=False, channels=1),  # a flipped digit is another glyph
+    "fashion_mnist": SmallDataset((0.2860,), (0.3530,), flip=False, channels=1),
+}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_SUBDIRS = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw"}  # where torchvision keeps them
+
+
+def input_channels(dataset: str) -> int:
+    return SMALL_DATASETS[dataset].channels if dataset in SMALL_DATASETS else 3
 
 
 class Loader(Protocol):
@@ -133,6 +159,31 @@ def read_cifar(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tens
     return out[0], out[1], out[2], out[3]
 
 
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format: big-endian dims after a 4-byte magic), gzipped or not."""
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise UserError(f"{path}: not an idx file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def read_mnist(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MNIST / Fashion-MNIST idx files from data.root (or torchvision's <root>/MNIST/raw)."""
+    out = []
+    for split, names in IDX_FILES.items():
+        for name in names:
+            candidates = [Path(root) / sub / (name + gz) for sub in ("", IDX_SUBDIRS[dataset]) for gz in ("", ".gz")]
+            path = next((c for c in candidates if c.is_file()), None)
+            if path is None:
+                raise UserError(f"{Path(root) / name}[.gz]: {dataset} file not found (also looked in "
+                                f"{Path(root) / IDX_SUBDIRS[dataset]}); this machine downloads nothing")
+            array = torch.from_numpy(read_idx(path).copy())
+            out.append(array[:, None] if array.ndim == 3 else array.long())
+    return out[0], out[1], out[2], out[3]
+
+
 class DeviceLoader:
     """A dataset held as uint8 on the device; pad + random crop + flip run batched there.
 
@@ -140,9 +191,10 @@ class DeviceLoader:
     makes an epoch take seconds rather than a minute of DataLoader overhead.
     """
 
-    def __init__(self, images, labels, batch_size, normalize, dist, seed, train, padding) -> None:
+    def __init__(self, images, labels, batch_size, normalize, dist, seed, train, padding, flip) -> None:
         self.images, self.labels = images.to(dist.device), labels.to(dist.device)
         self.batch_size, self.normalize, self.train, self.padding = batch_size, normalize, train, padding
+        self.flip = flip
         self.num_images = len(labels)
         self.seed = seed
         if train:
@@ -177,7 +229,7 @@ class DeviceLoader:
         # All of the epoch's random draws at once, indexed by image: independent of rank and restarts.
         g = torch.Generator().manual_seed(augmentation_seed(self.seed, self.epoch, 0))
         offsets = torch.randint(0, 2 * self.padding + 1, (self.num_images, 2), generator=g).to(self.images.device)
-        flips = (torch.rand(self.num_images, generator=g) < 0.5).to(self.images.device)
+        flips = (torch.rand(self.num_images, generator=g) < (0.5 if self.flip else 0.0)).to(self.images.device)
         order = torch.tensor(self.sampler.indices(), dtype=torch.int64, device=self.images.device)
         for batch_index in order.split(self.batch_size):
             batch = self._augment(self.images[batch_index], batch_index, offsets, flips)
@@ -187,16 +239,38 @@ class DeviceLoader:
 # --- ImageNet layout: torchvision loader -----------------------------------------------------
 
 
-def read_file_list(root: Path, split: str) -> tuple[list[tuple[str, int]], int]:
-    """(relative path, label) pairs from DEST/<split>.txt, and the class count from synsets.txt."""
-    list_path = root / f"{split}.txt"
-    try:
-        lines = list_path.read_text().splitlines()
-        samples = [(path, int(label)) for path, label in (line.rsplit(" ", 1) for line in lines if line)]
-        num_classes = len((root / "synsets.txt").read_text().splitlines())
-    except (OSError, ValueError) as err:
-        raise UserError(f"{list_path}: unreadable file list ({err}); re-run make prepare-imagenet") from err
-    return samples, num_classes
+Samples = dict[str, list[tuple[str, int]]]  # split -> (path relative to <root>/<split>, label)
+
+
+def read_file_lists(root: Path) -> tuple[Samples, int]:
+    """prepare-imagenet's DEST/train.txt and val.txt, and the class count from synsets.txt."""
+    samples = {}
+    for split in ("train", "val"):
+        list_path = root / f"{split}.txt"
+        try:
+            lines = list_path.read_text().splitlines()
+            samples[split] = [(path, int(label)) for path, label in (line.rsplit(" ", 1) for line in lines if line)]
+        except (OSError, ValueError) as err:
+            raise UserError(f"{list_path}: unreadable file list ({err}); re-run make prepare-imagenet") from err
+    return samples, len((root / "synsets.txt").read_text().splitlines())
+
+
+def scan_folders(root: Path) -> tuple[Samples, int]:
+    """Any ImageFolder layout: root/train/<class>/*, root/val/<class>/*, classes named by train/."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"{root / split}: missing; data.dataset=folder expects train/ and val/ class folders")
+    classes, class_to_idx = find_classes(str(root / "train"))
+    samples = {}
+    for split in ("train", "val"):
+        try:
+            found = make_dataset(str(root / split), class_to_idx, IMG_EXTENSIONS, allow_empty=split == "val")
+        except FileNotFoundError as err:
+            raise UserError(f"{root / split}: {err}") from err
+        samples[split] = [(str(Path(path).relative_to(root / split)), label) for path, label in found]
+    return samples, len(classes)
 
 
 def check_prepared(root: Path) -> None:
@@ -243,13 +317,13 @@ class HostLoader:
             yield self.normalize(images), labels.to(self.device, non_blocking=True)
 
 
-def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer) -> tuple[HostLoader, HostLoader, int]:
+def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer,
+                              samples: Samples) -> tuple[HostLoader, HostLoader]:
     from torchvision.transforms import v2
 
     root = Path(cfg.data.root)
     size = cfg.data.image_size
-    train_samples, num_classes = read_file_list(root, "train")
-    val_samples, _ = read_file_list(root, "val")
+    train_samples, val_samples = samples["train"], samples["val"]
     train_tf = v2.Compose(
         [v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True), v2.RandomHorizontalFlip()]
     )
@@ -279,7 +353,7 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
         make("val", val_samples, val_tf, shard, False), normalize, dist.device, len(val_samples),
         -(-len(shard) // cfg.data.batch_size),
     )
-    return train, val, num_classes
+    return train, val
 
 
 # --- choosing ---------------------------------------------------------------------------------
@@ -288,7 +362,7 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
 def resolve_loader(cfg: Config, device: torch.device) -> str:
     if cfg.data.loader != "auto":
         return cfg.data.loader
-    if cfg.data.dataset.startswith("cifar"):
+    if cfg.data.dataset in SMALL_DATASETS:
         return "device"
     try:
         import nvidia.dali  # noqa: F401
@@ -301,22 +375,29 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
     """Train loader, val loader and the number of classes for `cfg.data`."""
     kind = resolve_loader(cfg, dist.device)
     channels_last = cfg.run.channels_last and dist.device.type == "cuda"
-    is_cifar = cfg.data.dataset.startswith("cifar")
-    mean, std = (CIFAR_MEAN, CIFAR_STD) if is_cifar else (IMAGENET_MEAN, IMAGENET_STD)
-    normalize = Normalizer.create(mean, std, dist.device, input_dtype, channels_last)
-    if is_cifar:
+    dataset = cfg.data.dataset
+    if dataset in SMALL_DATASETS:
+        spec = SMALL_DATASETS[dataset]
         if kind != "device":
-            raise UserError(f"config key data.loader={kind}: CIFAR uses the device loader (data.loader=device)")
-        train_x, train_y, val_x, val_y = read_cifar(cfg.data.root, cfg.data.dataset)
+            raise UserError(f"config key data.loader={kind}: {dataset} uses the device loader (data.loader=device)")
+        read = read_cifar if dataset.startswith("cifar") else read_mnist
+        train_x, train_y, val_x, val_y = read(cfg.data.root, dataset)
+        normalize = Normalizer.create(spec.mean, spec.std, dist.device, input_dtype, channels_last)
         args = dict(batch_size=cfg.data.batch_size, normalize=normalize, dist=dist, seed=cfg.run.seed)
-        train = DeviceLoader(train_x, train_y, train=True, padding=cfg.data.crop_padding, **args)
-        val = DeviceLoader(val_x, val_y, train=False, padding=0, **args)
-        return train, val, 10 if cfg.data.dataset == "cifar10" else 100
-    check_prepared(Path(cfg.data.root))
+        train = DeviceLoader(train_x, train_y, train=True, padding=cfg.data.crop_padding, flip=spec.flip, **args)
+        val = DeviceLoader(val_x, val_y, train=False, padding=0, flip=False, **args)
+        return train, val, {"cifar100": 100}.get(dataset, 10)
     if kind == "device":
-        raise UserError("config key data.loader=device: only for CIFAR; use torchvision or dali for ImageNet")
+        raise UserError(f"config key data.loader=device: only for {', '.join(SMALL_DATASETS)}; use torchvision or dali")
+    root = Path(cfg.data.root)
+    if dataset == "imagenet":
+        check_prepared(root)
+        samples, num_classes = read_file_lists(root)
+    else:
+        samples, num_classes = scan_folders(root)
+    normalize = Normalizer.create(IMAGENET_MEAN, IMAGENET_STD, dist.device, input_dtype, channels_last)
     if kind == "dali":
         from imagenet_resnet.dali import build_dali_loaders
 
-        return build_dali_loaders(cfg, dist, normalize)
-    return build_torchvision_loaders(cfg, dist, normalize)
+        return (*build_dali_loaders(cfg, dist, normalize, samples), num_classes)
+    return (*build_torchvision_loaders(cfg, dist, normalize, samples), num_classes)

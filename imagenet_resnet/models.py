@@ -1,12 +1,15 @@
 """Model registry: a name in a config is all it takes to get a network.
 
 ImageNet networks come from torchvision (ResNet-18/50, the reference implementations behind
-the published 69.76 / 76.13 top-1) and timm (SE-ResNets). The CIFAR ResNets of He et al. 2016
-(Sec. 4.2) are written here, since no library ships them with option-A shortcuts.
+the published 69.76 / 76.13 top-1) and timm (SE-ResNets, ResNeXts). The CIFAR ResNets of He et
+al. 2016 (Sec. 4.2) are written here, since no library ships them with option-A shortcuts.
+Every model names its parts alike: stem `conv1`/`bn1`, stages `layer1`..`layerN`, head `fc`
+(fine-tuning freezes by these).
 
     model = build_model("cifar_resnet56", num_classes=10)
     model = build_model("seresnet50", num_classes=1000, zero_init_residual=True)
-    list_models()  # ['cifar_resnet110', 'cifar_resnet20', ...]
+    model = build_model("cifar_resnet20", num_classes=10, in_chans=1)   # MNIST
+    list_models()  # ['cifar_resnet110', 'cifar_resnet18', ...]
 """
 
 from __future__ import annotations
@@ -38,11 +41,16 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, num_classes: int, zero_init_residual: bool = True) -> nn.Module:
+def build_model(name: str, num_classes: int, zero_init_residual: bool = True, in_chans: int = 3) -> nn.Module:
     """A freshly initialised network; zero_init_residual zeroes each block's last BN gamma."""
     if name not in _REGISTRY:
         raise UserError(f"config key model.name={name!r}: unknown model; known: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, zero_init_residual=zero_init_residual)
+    return _REGISTRY[name](num_classes=num_classes, zero_init_residual=zero_init_residual, in_chans=in_chans)
+
+
+def stages(model: nn.Module) -> list[nn.Module]:
+    """The residual stages, input side first."""
+    return [getattr(model, f"layer{i}") for i in range(1, 8) if hasattr(model, f"layer{i}")]
 
 
 # --- CIFAR ResNets (He et al. 2016, Sec. 4.2) -------------------------------------------------
@@ -99,29 +107,26 @@ class CifarResNet(nn.Module):
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
-        blocks, in_ch = [], 16
-        for stage, width in enumerate((16, 32, 64)):
-            for i in range(n):
-                blocks.append(CifarBasicBlock(in_ch, width, 2 if stage and i == 0 else 1, se))
-                in_ch = width
-        self.blocks = nn.Sequential(*blocks)
+        self.layer1 = nn.Sequential(*(CifarBasicBlock(16, 16, 1, se) for _ in range(n)))
+        self.layer2 = nn.Sequential(CifarBasicBlock(16, 32, 2, se), *(CifarBasicBlock(32, 32, 1, se) for _ in range(n - 1)))
+        self.layer3 = nn.Sequential(CifarBasicBlock(32, 64, 2, se), *(CifarBasicBlock(64, 64, 1, se) for _ in range(n - 1)))
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")  # He et al. 2015
 
     def zero_init_residual(self) -> None:
-        for block in self.blocks:
+        for block in (*self.layer1, *self.layer2, *self.layer3):
             nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(F.relu(self.bn1(self.conv1(x))))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 def _cifar(depth: int, se: bool) -> ModelFn:
-    def make(num_classes: int, zero_init_residual: bool) -> nn.Module:
-        model = CifarResNet(depth, num_classes, se=se)
+    def make(num_classes: int, zero_init_residual: bool, in_chans: int) -> nn.Module:
+        model = CifarResNet(depth, num_classes, se=se, in_chans=in_chans)
         if zero_init_residual:
             model.zero_init_residual()
         return model
@@ -137,21 +142,34 @@ for _depth in (20, 32, 44, 56, 110):
 # --- ImageNet ResNets ------------------------------------------------------------------------
 
 
-def _torchvision(arch: str) -> ModelFn:
-    def make(num_classes: int, zero_init_residual: bool) -> nn.Module:
-        return getattr(torchvision.models, arch)(num_classes=num_classes, zero_init_residual=zero_init_residual)
+def _torchvision(arch: str, small_input: bool = False) -> ModelFn:
+    """torchvision's ResNets; small_input: 3x3 stride-1 stem and no max-pool, for 32x32 images."""
+
+    def make(num_classes: int, zero_init_residual: bool, in_chans: int) -> nn.Module:
+        model = getattr(torchvision.models, arch)(num_classes=num_classes, zero_init_residual=zero_init_residual)
+        if small_input or in_chans != 3:
+            kernel, stride = (3, 1) if small_input else (7, 2)
+            model.conv1 = nn.Conv2d(in_chans, 64, kernel, stride, kernel // 2, bias=False)
+            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        if small_input:
+            model.maxpool = nn.Identity()
+        return model
 
     return make
 
 
 def _timm(arch: str) -> ModelFn:
-    def make(num_classes: int, zero_init_residual: bool) -> nn.Module:
-        return timm.create_model(arch, pretrained=False, num_classes=num_classes, zero_init_last=zero_init_residual)
+    def make(num_classes: int, zero_init_residual: bool, in_chans: int) -> nn.Module:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, zero_init_last=zero_init_residual,
+                                 in_chans=in_chans)
 
     return make
 
 
 for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
     register(_arch)(_torchvision(_arch))
-for _arch in ("seresnet18", "seresnet34", "seresnet50"):
+# The common CIFAR adaptation of the ImageNet ResNets (e.g. kuangliu/pytorch-cifar).
+for _depth in (18, 34, 50):
+    register(f"cifar_resnet{_depth}")(_torchvision(f"resnet{_depth}", small_input=True))
+for _arch in ("seresnet18", "seresnet34", "seresnet50", "resnext50_32x4d", "seresnext50_32x4d"):
     register(_arch)(_timm(_arch))

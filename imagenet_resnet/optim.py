@@ -3,7 +3,7 @@
 The schedule is a pure function of the global step, so resuming needs nothing but the step.
 
     lr = scaled_lr(0.1, global_batch=1024)                 # 0.4
-    opt = build_optimizer(model, cfg.optim, lr)
+    opt = build_optimizer(model, cfg.optim, lr)   # (..., pretrained=names) for fine-tuning
     sched = Schedule.from_config(cfg.schedule, steps_per_epoch=5005)
     set_lr(opt, lr * sched.factor(step))
 """
@@ -28,25 +28,30 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weights, and norm-layer parameters plus biases without decay."""
-    decay, no_decay = [], []
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
+def param_groups(model: nn.Module, weight_decay: float, pretrained: set[str] = frozenset(),
+                 pretrained_lr_scale: float = 1.0) -> list[dict]:
+    """Decayed weights apart from norm-layer parameters and biases; pretrained ones at a scaled lr.
+
+    `pretrained` names parameters (as in model.named_parameters()) that get lr x pretrained_lr_scale.
+    Frozen parameters (requires_grad False) are left out. Empty groups are dropped.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            is_bias = param is getattr(module, "bias", None)
-            (no_decay if isinstance(module, NORM_TYPES) or is_bias else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            no_decay = isinstance(module, NORM_TYPES) or param is getattr(module, "bias", None)
+            loaded = f"{module_name}.{name}".lstrip(".") in pretrained
+            groups.setdefault((no_decay, loaded), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr_scale": pretrained_lr_scale if loaded else 1.0}
+            for (no_decay, loaded), params in sorted(groups.items())]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, pretrained: set[str] = frozenset()) -> torch.optim.SGD:
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.SGD(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, pretrained, cfg.pretrained_lr_scale),
         lr=lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
@@ -57,7 +62,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from imagenet_resnet.checkpoint import BEST, LAST, capture_rng, load_file, load_latest, restore_rng, save_atomic, unwrap
 from imagenet_resnet.config import Config, config_from_dict, config_to_dict, save_config
-from imagenet_resnet.data import Loader, build_loaders
+from imagenet_resnet.data import Loader, build_loaders, input_channels
 from imagenet_resnet.distributed import (
     DistInfo,
     all_gather_objects,
@@ -36,6 +36,7 @@ from imagenet_resnet.distributed import (
     shutdown,
 )
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.finetune import apply_freeze, load_pretrained
 from imagenet_resnet.metrics import RunLog, topk_correct
 from imagenet_resnet.models import build_model
 from imagenet_resnet.optim import Schedule, build_optimizer, scaled_lr, set_lr
@@ -56,7 +57,7 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
 
 def build_network(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     """The model on its device, in channels_last on CUDA, SyncBN if asked; not yet wrapped."""
-    net = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual)
+    net = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, input_channels(cfg.data.dataset))
     if cfg.model.sync_bn and dist.is_distributed:
         if dist.device.type != "cuda":
             raise UserError("config key model.sync_bn=true: PyTorch's SyncBatchNorm runs on CUDA only")
@@ -108,6 +109,9 @@ class Trainer:
         self.train_loader, self.val_loader, self.num_classes = build_loaders(cfg, dist, input_dtype)
         self.net = build_network(cfg, self.num_classes, dist)
         state, path = self._find_checkpoint()
+        # Fine-tuning: pretrained weights only for a fresh start; a resumed run has its own.
+        pretrained = load_pretrained(self.net, cfg.model.init_from) if cfg.model.init_from and state is None else set()
+        apply_freeze(self.net, cfg.model.freeze)
         self.accum = self._accumulation_steps(state)
         self.global_batch = cfg.data.batch_size * dist.world_size * self.accum
         self.steps_per_epoch = self.train_loader.steps_per_epoch // self.accum  # optimizer steps
@@ -117,7 +121,7 @@ class Trainer:
                 f"steps is more than the {self.train_loader.num_images} training images: no full step per epoch"
             )
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
-        self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr)
+        self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr, pretrained)
         self.schedule = Schedule.from_config(cfg.schedule, self.steps_per_epoch)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
         self.position = Position()
@@ -126,7 +130,7 @@ class Trainer:
         if state is not None:
             self._restore(state, path)
         if cfg.run.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=cfg.run.compile_mode)
         self.model = (
             DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
             if dist.is_distributed
@@ -147,7 +151,8 @@ class Trainer:
             f"model {self.cfg.model.name} ({sum(p.numel() for p in self.net.parameters()):,} parameters), "
             f"{self.dist.world_size} process(es) on {self.dist.device.type}, "
             f"{'bf16' if self.bf16 else 'fp32'}; {self.train_loader.num_images} train / "
-            f"{self.val_loader.num_images} val images, {self.num_classes} classes",
+            f"{self.val_loader.num_images} val images, {self.num_classes} classes"
+            + (f"; weights from {self.cfg.model.init_from}, freeze={self.cfg.model.freeze}" if self.cfg.model.init_from else ""),
             flush=True,
         )
         print(

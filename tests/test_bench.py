@@ -16,6 +16,6 @@ def test_bench_quick_writes_json_and_markdown_with_conditions(tmp_path):
     if "CPU" in env["device"]:
         assert all(r["value"] is None and "skipped" in r["notes"] for r in model if "bf16" in r["name"])
     prep = {r["name"]: r for r in records if r["section"] == "prep"}
-    assert len(prep) == 4 and all(r["value"] > 0 for r in prep.values())
+    assert len(prep) == 6 and all(r["value"] > 0 for r in prep.values())
     table = (tmp_path / "results.md").read_text()
     assert "### model" in table and "### prep" in table and env["device"] in table

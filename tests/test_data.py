@@ -51,7 +51,7 @@ def test_read_cifar_rejects_garbage(tmp_path):
 
 def loader(images, train=True, rank=0, world=1, batch=8, padding=4):
     return DeviceLoader(images, torch.arange(len(images)), batch, identity(), dist(rank, world), seed=3,
-                        train=train, padding=padding)
+                        train=train, padding=padding, flip=True)
 
 
 def test_device_loader_crops_are_crops_of_the_padded_image():

@@ -49,6 +49,14 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
     raise AssertionError(f"never saw {text!r}:\n" + "".join(seen)[-3000:])
 
 
+def kill_when(proc: subprocess.Popen, text: str, delay_s: float = 0.0) -> None:
+    """SIGKILL the whole process group once its output shows `text` (plus a delay)."""
+    wait_for(proc, text)
+    time.sleep(delay_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def finish(proc: subprocess.Popen) -> str:
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
@@ -59,15 +67,27 @@ def exact(records: list[dict]) -> list[dict]:
     return [{k: r[k] for k in EXACT_KEYS} for r in records]
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1proc", "2proc"])
-def reference(request, cifar_root, tmp_path_factory):
+def reference_run(nproc: int, cifar_root: Path, out: Path) -> list[dict]:
     """An uninterrupted run, to compare every interrupted one against."""
-    nproc = request.param
-    out = tmp_path_factory.mktemp(f"reference{nproc}")
     finish(start(train_cmd(nproc, cifar_root, out)))
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1]
-    return nproc, exact(records)
+    return exact(records)
+
+
+@pytest.fixture(scope="module")
+def reference1(cifar_root, tmp_path_factory) -> list[dict]:
+    return reference_run(1, cifar_root, tmp_path_factory.mktemp("reference1"))
+
+
+@pytest.fixture(scope="module")
+def reference2(cifar_root, tmp_path_factory) -> list[dict]:
+    return reference_run(2, cifar_root, tmp_path_factory.mktemp("reference2"))
+
+
+@pytest.fixture(params=[1, 2], ids=["1proc", "2proc"])
+def reference(request) -> tuple[int, list[dict]]:
+    return request.param, request.getfixturevalue(f"reference{request.param}")
 
 
 def test_sigkill_at_random_moments_then_same_command_gives_identical_metrics(reference, cifar_root, tmp_path):
@@ -75,19 +95,12 @@ def test_sigkill_at_random_moments_then_same_command_gives_identical_metrics(ref
     rng = random.Random(nproc)
     out = tmp_path / "run"
     for kill in range(2):
-        proc = start(train_cmd(nproc, cifar_root, out))
-        wait_for(proc, "step ")  # training (not just imports) is under way
-        time.sleep(rng.uniform(0.2, 3.0))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_when(start(train_cmd(nproc, cifar_root, out)), "step ", rng.uniform(0.2, 3.0))  # mid-training
     finish(start(train_cmd(nproc, cifar_root, out)))
     assert exact(read_metrics(out)) == expected  # every epoch once, every number the same
 
 
-def test_elastic_restart_after_a_worker_dies(cifar_root, tmp_path, reference):
-    nproc, expected = reference
-    if nproc != 2:
-        pytest.skip("elastic restarts need a process group")
+def test_elastic_restart_after_a_worker_dies(cifar_root, tmp_path, reference2):
     out = tmp_path / "run"
     proc = start(train_cmd(2, cifar_root, out, max_restarts=2))
     wait_for(proc, "epoch 0 step 8/")
@@ -97,7 +110,7 @@ def test_elastic_restart_after_a_worker_dies(cifar_root, tmp_path, reference):
     os.kill(workers[1], signal.SIGKILL)  # one worker dies mid-epoch; torchrun restarts the group
     output = finish(proc)
     assert "resumed from" in output
-    assert exact(read_metrics(out)) == expected
+    assert exact(read_metrics(out)) == reference2
 
 
 def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(cifar_root, tmp_path, reference):
@@ -116,10 +129,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(cifar_root, tm
     assert exact(read_metrics(out)) == expected
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(cifar_root, tmp_path, reference):
-    nproc, expected = reference
-    if nproc != 1:
-        pytest.skip("the fallback is rank 0's choice; once is enough")
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(cifar_root, tmp_path, reference1):
     out = tmp_path / "run"
     finish(start(train_cmd(1, cifar_root, out, "run.checkpoint_every_steps=0")))
     data = (out / "last.pt").read_bytes()
@@ -127,33 +137,24 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(cifar_root, tmp_pa
     output = finish(start(train_cmd(1, cifar_root, out, "run.checkpoint_every_steps=0")))
     assert "last.pt: unreadable checkpoint" in output and "trying the previous checkpoint" in output
     assert "resumed from" in output and "last.pt.prev: epoch 1, step 0" in output
-    assert exact(read_metrics(out)) == expected
+    assert exact(read_metrics(out)) == reference1
 
 
-def test_explicit_resume_path_into_a_new_folder(cifar_root, tmp_path, reference):
-    nproc, expected = reference
-    if nproc != 1:
-        pytest.skip("single process is enough")
+def test_explicit_resume_path_into_a_new_folder(cifar_root, tmp_path, reference1):
     first = tmp_path / "first"
-    proc = start(train_cmd(1, cifar_root, first))
-    wait_for(proc, "epoch 1 step 4/")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(start(train_cmd(1, cifar_root, first)), "epoch 1 step 4/")
     epoch = torch.load(first / "last.pt", weights_only=False)["position"]["epoch"]
     second = tmp_path / "second"
     output = finish(start(train_cmd(1, cifar_root, second, f"run.resume={first / 'last.pt'}")))
     assert f"resumed from {first / 'last.pt'}: epoch {epoch}" in output
-    assert exact(read_metrics(second)) == expected[epoch:]
+    assert exact(read_metrics(second)) == reference1[epoch:]
 
 
-def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(cifar_root, tmp_path, reference):
-    nproc, _ = reference
-    if nproc != 2:
-        pytest.skip("2 processes: the ranks must agree to stop")
-    out = tmp_path / "run"
-    finish(start(train_cmd(nproc, cifar_root, out, "schedule.epochs=1", "run.checkpoint_every_steps=0")))
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(cifar_root, tmp_path):
+    out = tmp_path / "run"  # 2 processes: the ranks must agree to stop
+    finish(start(train_cmd(2, cifar_root, out, "schedule.epochs=1", "run.checkpoint_every_steps=0")))
     before = (out / "last.pt").read_bytes()
-    proc = start(train_cmd(nproc, cifar_root, out, "optim.base_lr=1e12", "run.checkpoint_every_steps=0"))
+    proc = start(train_cmd(2, cifar_root, out, "optim.base_lr=1e12", "run.checkpoint_every_steps=0"))
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode != 0
     assert "non-finite training loss at epoch 1, step" in output
@@ -165,15 +166,9 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(cifa
     ("keep_global_batch", "global batch 32 -> 32 with 2 accumulation step(s), lr 0.1"),
     ("scale_lr", "global batch 32 -> 16 with 1 accumulation step(s), lr 0.05"),
 ])
-def test_resume_on_a_different_world_size_follows_the_policy(cifar_root, tmp_path, reference, policy, expect):
-    nproc, _ = reference
-    if nproc != 2:
-        pytest.skip("starts on 2 processes, resumes on 1")
-    out = tmp_path / "run"
-    proc = start(train_cmd(2, cifar_root, out, "optim.base_lr=0.8"))
-    wait_for(proc, "epoch 1 step 5/")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def test_resume_on_a_different_world_size_follows_the_policy(cifar_root, tmp_path, policy, expect):
+    out = tmp_path / "run"  # starts on 2 processes, resumes on 1
+    kill_when(start(train_cmd(2, cifar_root, out, "optim.base_lr=0.8")), "epoch 1 step 5/")
     output = finish(start(train_cmd(1, cifar_root, out, "optim.base_lr=0.8", "data.batch_size=16",
                                     f"run.on_world_size_change={policy}")))
     assert "resume: 2 -> 1 processes" in output and expect in output

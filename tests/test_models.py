@@ -22,7 +22,7 @@ def test_cifar_resnet_parameter_counts_match_table_6(depth, expected, paper_mill
 
 def test_option_a_shortcut_has_no_parameters_and_pads_channels():
     model = CifarResNet(20, 10)
-    block = model.blocks[3]  # first block of stage 2: stride 2, 16 -> 32 channels
+    block = model.layer2[0]  # first block of stage 2: stride 2, 16 -> 32 channels
     x = torch.randn(2, 16, 8, 8)
     out = block.shortcut(x)
     assert out.shape == (2, 32, 4, 4)
@@ -41,7 +41,7 @@ def test_seresnet50_parameter_count():
 
 def test_cifar_seresnet_has_se_with_reduction_16():
     model = build_model("cifar_seresnet20", 10)
-    se = model.blocks[-1].se
+    se = model.layer3[-1].se
     assert se.fc1.out_channels == 64 // 16 and se.fc1.in_channels == 64
 
 

@@ -15,7 +15,7 @@ def test_linear_scaling_rule():
 @pytest.mark.parametrize("name", ["resnet50", "seresnet50", "cifar_seresnet20"])
 def test_no_decay_on_every_norm_parameter_and_bias(name):
     model = build_model(name, 10)
-    decay, no_decay = param_groups(model, 1e-4)
+    decay, no_decay = param_groups(model, 1e-4)  # (decay, no decay): nothing pretrained
     no_decay_ids = {id(p) for p in no_decay["params"]}
     expected = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
     expected |= {id(m.bias) for m in model.modules() if getattr(m, "bias", None) is not None}

@@ -1,0 +1,78 @@
+"""Start from trained weights: this project's checkpoints or torchvision/timm state_dict files.
+
+The classifier `fc` is replaced (kept freshly initialised) when the class count differs; every
+other tensor must match by name and shape, or the error names the ones that do not. `freeze`
+chooses what trains: `none` (everything), `backbone` (only the head), `up_to_stage:K` (the stem
+and stages 1..K stay fixed; BatchNorm statistics of frozen parts still adapt).
+
+    pretrained = load_pretrained(model, "resnet50.pth")     # names of the tensors loaded
+    apply_freeze(model, "up_to_stage:3")                    # ResNet-50: train layer4 and fc
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from imagenet_resnet.errors import UserError
+from imagenet_resnet.models import stages
+
+HEAD = "fc."
+FREEZE_PATTERN = re.compile(r"^(none|backbone|up_to_stage:[1-9])$")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .pt/.pth file (our checkpoint, a plain or wrapped state_dict) or .safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config key model.init_from={path}: file not found (nothing is downloaded)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unreadable in any of its ways: name the file
+        raise UserError(f"{path}: not a readable weights file ({type(err).__name__}: {err})") from err
+    for key in ("model", "state_dict"):  # our checkpoints; timm/lightning-style wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: holds no state_dict of tensors")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> set[str]:
+    """Load everything but a head of another class count; returns the names of loaded tensors."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    new_head = {k for k in own if k.startswith(HEAD) and k in state and state[k].shape != own[k].shape}
+    state = {k: v for k, v in state.items() if k not in new_head}
+    missing = sorted(own.keys() - state.keys() - new_head)
+    unexpected = sorted(state.keys() - own.keys())
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(state.keys() & own.keys())
+                   if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        parts = [f"{label} ({len(items)}): {', '.join(items[:5])}{' ...' if len(items) > 5 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape differs", wrong_shape))
+                 if items]
+        raise UserError(f"{path}: does not fit this model; " + "; ".join(parts))
+    model.load_state_dict(state, strict=False)
+    return set(state)
+
+
+def apply_freeze(model: nn.Module, spec: str) -> None:
+    if spec == "none":
+        return
+    frozen = [model.conv1, model.bn1] + stages(model)[: len(stages(model)) if spec == "backbone" else int(spec.split(":")[1])]
+    for module in frozen:
+        for param in module.parameters():
+            param.requires_grad_(False)
+    if spec == "backbone":  # anything else outside the head (timm extras) too
+        for name, param in model.named_parameters():
+            if not name.startswith(HEAD):
+                param.requires_grad_(False)
