@@ -174,3 +174,30 @@ def test_resume_on_a_different_world_size_follows_the_policy(cifar_root, tmp_pat
     assert "resume: 2 -> 1 processes" in output and expect in output
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1] and records[-1]["val_images"] == 110
+
+
+def test_slurm_script_checkpoints_and_requeues_on_the_time_limit_signal(cifar_root, tmp_path):
+    """launch/slurm.sbatch on a machine without Slurm: `srun` runs its command, `scontrol` logs its calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\nexec \"$@\"\n")
+    calls = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f"#!/usr/bin/env bash\necho \"$*\" >> {calls}\n"
+                                      "[[ $1 == show ]] && echo localhost\nexit 0\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    out = tmp_path / "run"
+    env = dict(cli_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, CONFIG="configs/cifar10_resnet20.yaml",
+               SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_JOB_ID="4242", GPUS_PER_NODE="2",
+               RDZV_PORT="29533")
+    args = [f"data.root={cifar_root}", f"run.out_dir={out}", "schedule.epochs=2", "data.batch_size=16",
+            "run.log_every_steps=1", "wandb.mode=disabled"]
+    job = subprocess.Popen(["bash", "launch/slurm.sbatch", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for(job, "epoch 0 step 6/")
+    job.send_signal(signal.SIGUSR1)  # what `--signal=B:USR1@180` delivers before the time limit
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, output[-3000:]
+    assert "checkpointing and requeueing job 4242" in output and "stopped by SIGTERM at epoch 0" in output
+    assert "requeue 4242" in calls.read_text()
+    assert torch.load(out / "last.pt", weights_only=False)["position"]["step_in_epoch"] > 0
