@@ -82,10 +82,10 @@ def evaluate(net: nn.Module, loader: Loader, bf16: bool, device: torch.device) -
             logits = net(images)
         loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
         sums += torch.cat([loss[None], topk_correct(logits, labels), torch.tensor([labels.numel()], device=device)])
-    loss_sum, top1, top5, count = all_reduce_sum(sums).tolist()
-    count = max(count, 1)
+    loss_sum, top1, top5, images = all_reduce_sum(sums).tolist()
+    count = max(images, 1)
     return {"val_loss": loss_sum / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
-            "val_images": int(sums[3].item())}
+            "val_images": int(images)}
 
 
 @dataclass
