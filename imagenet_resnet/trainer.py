@@ -81,7 +81,9 @@ def evaluate(net: nn.Module, loader: Loader, bf16: bool, device: torch.device) -
         with autocast(device, bf16):
             logits = net(images)
         loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-        sums += torch.cat([loss[None], topk_correct(logits, labels), torch.tensor([labels.numel()], device=device)])
+        sums[0] += loss
+        sums[1:3] += topk_correct(logits, labels)
+        sums[3] += labels.numel()
     loss_sum, top1, top5, images = all_reduce_sum(sums).tolist()
     count = max(images, 1)
     return {"val_loss": loss_sum / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
@@ -317,8 +319,10 @@ class Trainer:
                     (loss / self.accum).backward()
                 loss = loss.detach().double()
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-                self.train_sums += torch.stack([loss * labels.numel(), topk_correct(logits, labels, (1,))[0].double(),
-                                                torch.tensor(labels.numel(), dtype=torch.float64, device=loss.device)])
+                # In-place adds of host scalars: no host-to-device copy in the step loop.
+                self.train_sums[0] += loss * labels.numel()
+                self.train_sums[1] += topk_correct(logits, labels, (1,))[0]
+                self.train_sums[2] += labels.numel()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.position = Position(epoch, step + 1, self.position.global_step + 1)
