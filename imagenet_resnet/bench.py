@@ -2,6 +2,7 @@
 
     python -m imagenet_resnet.bench --out bench                  # all this machine can run
     python -m imagenet_resnet.bench --out bench --only model,prep --quick
+    python -m imagenet_resnet.bench --out bench/r50 --only model --models resnet50
 
 Every figure goes to <out>/results.json and <out>/results.md with the device, software versions,
 command and date. Without a GPU, the GPU-only configurations are listed as skipped and the rest
@@ -15,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from imagenet_resnet.cli import run_main
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import DistInfo
@@ -36,6 +39,7 @@ from imagenet_resnet.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("model", "loader", "e2e", "cifar", "prep")
+TABLES = ("model", "profile", "loader", "e2e", "cifar", "prep")  # profile: written by the model section
 
 
 @dataclass
@@ -97,22 +101,23 @@ def train_step_fn(model: nn.Module, optimizer, images, labels, bf16: bool) -> Ca
     return step
 
 
-def bench_model(device: torch.device, quick: bool) -> list[Record]:
+def bench_model(device: torch.device, names: list[str], out: Path) -> list[Record]:
+    """Reference step vs ours in each variant; then a profile of our fastest variant per model."""
     cuda = device.type == "cuda"
-    names = ["resnet18"] if quick else ["resnet18", "resnet50", "seresnet50"]
     size, batches = (224, (128, 256)) if cuda else (128, (16,))
     variants = [("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", True, True)]
+    steps = 30 if cuda else 3
     cfg = load_config(None, ["optim.base_lr=0.1"])
     records = []
     for name in names:
+        fastest: tuple[float, str, Callable[[], None]] | None = None  # at the largest batch
         for batch in batches:
             images = torch.randn(batch, 3, size, size, device=device)
             labels = torch.randint(0, 1000, (batch,), device=device)
             # Reference: pytorch/examples' step (torchvision-style model, fp32, NCHW, plain SGD).
             ref_model = build_model(name, 1000, zero_init_residual=False).to(device)
             ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-            seconds = timed(train_step_fn(ref_model, ref_opt, images, labels, False), 2, 3 if not cuda else 30, device)
-            reference = batch * (3 if not cuda else 30) / seconds
+            reference = batch * steps / timed(train_step_fn(ref_model, ref_opt, images, labels, False), 2, steps, device)
             records.append(Record("model", f"{name} b{batch} reference fp32 NCHW", reference, "images/s",
                                   f"{size}px; pytorch/examples step"))
             del ref_model, ref_opt
@@ -126,13 +131,64 @@ def bench_model(device: torch.device, quick: bool) -> list[Record]:
                 model = build_model(name, 1000).to(device, memory_format=fmt)
                 opt = build_optimizer(model, cfg.optim, 0.1)
                 net = torch.compile(model) if compiled else model
-                x = images.contiguous(memory_format=fmt)
-                steps = 30 if cuda else 3
-                seconds = timed(train_step_fn(net, opt, x, labels, precision == "bf16"), 10 if compiled else 3, steps,
-                                device)
-                speed = batch * steps / seconds
+                step = train_step_fn(net, opt, images.contiguous(memory_format=fmt), labels, precision == "bf16")
+                speed = batch * steps / timed(step, 10 if compiled else 3, steps, device)
                 records.append(Record("model", label, speed, "images/s", f"{size}px; {speed / reference:.2f}x reference"))
-                del model, opt, net
+                if batch == batches[-1] and (fastest is None or speed > fastest[0]):
+                    fastest = (speed, label, step)  # keeps this model alive until profiled
+                del model, opt, net, step
+        if fastest is not None:
+            speed, label, step = fastest
+            records += profile_step(step, device, batches[-1] / speed, label, out)
+            del fastest, step
+    return records
+
+
+# What a kernel or operator is, by its name (aten ops on the CPU; cuDNN/cuBLAS/Triton kernels on CUDA).
+OP_KINDS = (
+    ("optimizer", re.compile(r"sgd|foreach|multi_tensor|Optimizer", re.I)),
+    ("batch norm", re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|welford", re.I)),
+    ("convolution / matmul", re.compile(r"conv|gemm|xmma|implicit|addmm|^aten::mm|cutlass|sm\d\d_|wgrad|dgrad", re.I)),
+    ("elementwise / activation / pooling", re.compile(r"elementwise|relu|threshold|add|mul|pool|triton|vectorized|copy|fill|where|clamp", re.I)),
+)
+
+
+def profile_step(step: Callable[[], None], device: torch.device, step_s: float, label: str,
+                 out: Path) -> list[Record]:
+    """Where a step's time goes: share of kernel (CUDA) or operator (CPU) time by kind, and on
+    CUDA how busy the GPU is (kernel time / step time: well below 100% means launch- or host-bound).
+    The top operators go to <out>/profile_<model>.txt."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    steps = 5 if cuda else 2
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if cuda:
+        timed_events = [(e.key, e.self_device_time_total) for e in events
+                        if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        sort_by, unit = "self_device_time_total", "% of GPU kernel time"
+    else:
+        timed_events = [(e.key, e.self_cpu_time_total) for e in events]
+        sort_by, unit = "self_cpu_time_total", "% of CPU operator time"
+    total = sum(t for _, t in timed_events) or 1.0
+    shares = {kind: 0.0 for kind, _ in OP_KINDS} | {"other": 0.0}
+    for key, t in timed_events:
+        kind = next((k for k, pattern in OP_KINDS if pattern.search(key)), "other")
+        shares[kind] += 100 * t / total
+    model = label.split()[0]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"profile_{model}.txt").write_text(f"{label}, {steps} steps\n" + events.table(sort_by=sort_by, row_limit=25))
+    records = [Record("profile", f"{label}: {kind}", share, unit, f"profile_{model}.txt") for kind, share in shares.items()]
+    if cuda:
+        busy = 100 * total / 1e6 / steps / step_s  # profiler times are in microseconds
+        records.append(Record("profile", f"{label}: GPU busy", busy, "% of step time",
+                              "kernel time per step / unprofiled step time"))
     return records
 
 
@@ -142,13 +198,36 @@ def bench_model(device: torch.device, quick: bool) -> list[Record]:
 def prepared_folder(work: Path, classes: int, per_class: int) -> Path:
     from data_prep.generate import generate
 
+    dest = work / "imagenet"
+    if (dest / "COMPLETE").exists():
+        return dest
     src = generate(work / "archives", classes=classes, train_per_class=(per_class, per_class),
                    val_per_class=max(2, per_class // 5), size=(500, 375), quality=90, plant_problems=False)
-    dest = work / "imagenet"
     env = dict(os.environ, PYTHON=sys.executable, WORKERS=str(os.cpu_count()))
     subprocess.run(["bash", str(REPO / "data_prep/prepare_imagenet.sh"), str(src), str(dest)], check=True, env=env,
                    cwd=REPO, stdout=subprocess.DEVNULL)
     return dest
+
+
+def jpeg_folder(work: Path, cuda: bool, quick: bool) -> tuple[Path, str]:
+    """(data.root, data.dataset) of ImageNet-sized JPEGs for the loader and end-to-end benchmarks.
+
+    A GPU decodes thousands of images a second, so there the 512 generated images are repeated
+    (hard links, data.dataset=folder) to 20k train / 5k val files: enough that an epoch lasts
+    seconds and the per-epoch start-up is a small part of it, as it is on ImageNet.
+    """
+    root = prepared_folder(work, classes=8, per_class=16 if quick else 64)
+    if not cuda or quick:
+        return root, "imagenet"
+    folder = work / "repeated"
+    if not folder.exists():
+        for split, copies in (("train", 40), ("val", 50)):
+            for image in sorted((root / split).glob("*/*")):
+                target = folder / split / image.parent.name
+                target.mkdir(parents=True, exist_ok=True)
+                for k in range(copies):
+                    os.link(image, target / f"{image.stem}_{k}{image.suffix}")
+    return folder, "folder"
 
 
 # --- 2. loaders alone ---------------------------------------------------------------------------
@@ -156,27 +235,35 @@ def prepared_folder(work: Path, classes: int, per_class: int) -> Path:
 
 def bench_loader(device: torch.device, quick: bool, work: Path) -> list[Record]:
     cuda = device.type == "cuda"
-    root = prepared_folder(work, classes=8, per_class=16 if quick else 64)
+    root, dataset = jpeg_folder(work, cuda, quick)
     batch = 128 if cuda else 32
     records = []
     for loader in ("torchvision", "dali"):
-        cfg = load_config(None, [f"data.root={root}", "data.dataset=imagenet", f"data.loader={loader}",
+        cfg = load_config(None, [f"data.root={root}", f"data.dataset={dataset}", f"data.loader={loader}",
                                  "data.image_size=224", f"data.batch_size={batch}", f"data.workers={os.cpu_count()}"])
         try:
             train, val, _ = build_loaders(cfg, DistInfo(0, 0, 1, device), torch.bfloat16 if cuda else torch.float32)
         except Exception as err:  # DALI missing on this machine: say so in the table
             records.append(Record("loader", f"{loader}", None, "images/s", f"skipped: {err}"))
             continue
+        where = "GPU decode" if (loader == "dali" and cuda) else "CPU decode"
         for split, it in (("train", train), ("val", val)):
-            list(it)  # warm: workers, pipeline build, page cache
+            list(it)  # warm: page cache, cuDNN/nvJPEG handles
             start = time.perf_counter()
-            count = sum(len(y) for _, y in it)
+            batches = iter(it)
+            _, first = next(batches)
+            first_s = time.perf_counter() - start  # per pass: pipeline build or worker start-up
+            rest = sum(len(y) for _, y in batches)
             if cuda:
                 torch.cuda.synchronize()
-            speed = count / (time.perf_counter() - start)
-            where = "GPU decode" if (loader == "dali" and cuda) else "CPU decode"
+            total_s = time.perf_counter() - start
+            # After the first batch when there are more (steady state), else the whole pass.
+            speed = rest / (total_s - first_s) if rest else len(first) / total_s
             records.append(Record("loader", f"{loader} {split}", speed, "images/s",
-                                  f"{count} JPEGs 500x375 q90 -> 224px, batch {batch}, {os.cpu_count()} workers, {where}"))
+                                  f"{rest + len(first)} JPEGs 500x375 q90 -> 224px, batch {batch}, "
+                                  f"{os.cpu_count()} workers, {where}; "
+                                  + (f"after the first batch, which took {first_s:.2f} s (start-up of each pass)"
+                                     if rest else "one batch: whole pass")))
     return records
 
 
@@ -184,45 +271,69 @@ def bench_loader(device: torch.device, quick: bool, work: Path) -> list[Record]:
 
 
 def run_trainer(config: str, out: Path, overrides: list[str]) -> list[dict]:
+    """Per-epoch metrics of the real trainer under torchrun; raises RuntimeError with its last output."""
     nproc = max(1, torch.cuda.device_count())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
            "imagenet_resnet.train", "--config", config, f"run.out_dir={out}", "wandb.mode=disabled", *overrides]
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode:
+        raise RuntimeError(f"exit {done.returncode}: " + " / ".join(done.stdout.strip().splitlines()[-3:]))
     return read_metrics(out)
+
+
+def trainer_records(section: str, name: str, config: str, out: Path, overrides: list[str],
+                    value: Callable[[dict], tuple[float, str]], unit: str) -> list[Record]:
+    """One record from the last epoch (the first ones include start-up and compilation), or the failure."""
+    try:
+        metrics = run_trainer(config, out, overrides)
+    except RuntimeError as err:
+        return [Record(section, name, None, unit, f"failed: {err}")]
+    number, notes = value(metrics[-1])
+    return [Record(section, name, number, unit, notes)]
 
 
 def bench_e2e(device: torch.device, quick: bool, work: Path) -> list[Record]:
     cuda = device.type == "cuda"
-    root = work / "imagenet" if (work / "imagenet" / "COMPLETE").exists() else prepared_folder(work, 8, 16 if quick else 64)
+    root, dataset = jpeg_folder(work, cuda, quick)
     model, size, batch = ("resnet50", 224, 256) if cuda else ("resnet18", 112, 32)
+    runs = [("torchvision", []), ("dali", [])] + ([("dali", ["run.compile=true"])] if cuda else [])
     records = []
-    for loader in ("torchvision", "dali"):
-        try:
-            metrics = run_trainer("configs/imagenet_resnet50.yaml", work / f"e2e_{loader}", [
-                f"model.name={model}", f"data.root={root}", f"data.loader={loader}", f"data.image_size={size}",
-                f"data.batch_size={batch}", f"data.workers={os.cpu_count()}", "schedule.epochs=2",
-                "schedule.warmup_epochs=0", "run.checkpoint_every_steps=0"])
-        except subprocess.CalledProcessError as err:
-            records.append(Record("e2e", f"{model} {loader}", None, "images/s", f"failed: {err}"))
-            continue
-        last = metrics[-1]  # the second epoch: workers and caches warm
-        records.append(Record("e2e", f"{model} {loader}", last["images_per_sec"], "images/s",
-                              f"{size}px, batch {batch}/process; data wait {100 * last['data_wait_fraction']:.0f}% of step time"))
+    for loader, extra in runs:
+        def value(last: dict) -> tuple[float, str]:
+            return last["images_per_sec"], (f"{size}px, batch {batch}/process, {' '.join(extra) or 'no compile'}; "
+                                            f"data wait {100 * last['data_wait_fraction']:.0f}% of step time")
+
+        records += trainer_records("e2e", f"{model} {loader}{' compile' if extra else ''}", "configs/imagenet_resnet50.yaml",
+                                   work / f"e2e_{loader}{len(extra)}", [
+            f"model.name={model}", f"data.root={root}", f"data.dataset={dataset}", f"data.loader={loader}",
+            f"data.image_size={size}", f"data.batch_size={batch}", f"data.workers={os.cpu_count()}",
+            f"schedule.epochs={3 if cuda else 2}", "schedule.warmup_epochs=0", "run.checkpoint_every_steps=0", *extra],
+            value, "images/s")
     return records
 
 
 def bench_cifar(device: torch.device, quick: bool, work: Path) -> list[Record]:
     from data_prep.generate import generate_cifar
 
-    per_class = 5000 if device.type == "cuda" and not quick else 200
-    generate_cifar(work / "cifar", "cifar10", train_per_class=per_class, val_per_class=per_class // 5)
-    metrics = run_trainer("configs/cifar10_resnet56.yaml", work / "cifar_run",
-                          [f"data.root={work / 'cifar'}", "schedule.epochs=2"])
-    last = metrics[-1]
+    cuda = device.type == "cuda"
+    per_class = 5000 if cuda and not quick else 200
     images = per_class * 10
-    return [Record("cifar", "cifar_resnet56 epoch (device loader, batch 128)", 50_000 / last["images_per_sec"],
-                   "s per 50k images", f"measured on {images} images: {last['images_per_sec']:.0f} images/s"
-                   + ("" if images == 50_000 else "; scaled to 50k"))]
+    generate_cifar(work / "cifar", "cifar10", train_per_class=per_class, val_per_class=per_class // 5)
+    runs = [("eager", [])]
+    if cuda:  # small nets are launch-bound: CUDA graphs (reduce-overhead) are what should pay off
+        runs += [("compile", ["run.compile=true"]),
+                 ("compile reduce-overhead", ["run.compile=true", "run.compile_mode=reduce-overhead"])]
+    records = []
+    for label, extra in runs:
+        def value(last: dict) -> tuple[float, str]:
+            return 50_000 / last["images_per_sec"], (f"measured on {images} images: {last['images_per_sec']:.0f} images/s"
+                                                      + ("" if images == 50_000 else "; scaled to 50k"))
+
+        records += trainer_records("cifar", f"cifar_resnet56 epoch, device loader, batch 128, {label}",
+                                   "configs/cifar10_resnet56.yaml", work / f"cifar_{len(extra)}",
+                                   [f"data.root={work / 'cifar'}", f"schedule.epochs={3 if cuda else 2}", *extra],
+                                   value, "s per 50k images")
+    return records
 
 
 # --- 5. data_prep against the classic serial recipe ------------------------------------------------
@@ -287,7 +398,7 @@ def bench_prep(quick: bool, work: Path) -> list[Record]:
 def markdown(env: dict[str, str], records: list[Record]) -> str:
     lines = [f"Device: {env['device']}; torch {env['torch']}, torchvision {env['torchvision']}, DALI {env['dali']}, "
              f"Python {env['python']}; {env['date']}; `{env['command']}`", ""]
-    for section in SECTIONS:
+    for section in TABLES:
         rows = [r for r in records if r.section == section]
         if not rows:
             continue
@@ -302,6 +413,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench"))
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="smallest sizes (for the test suite)")
+    p.add_argument("--models", default="resnet18,resnet50,seresnet50", help="models of the model section")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment()
@@ -312,7 +424,7 @@ def main() -> None:
         for section in sections:
             print(f"bench: {section} ...", flush=True)
             if section == "model":
-                records += bench_model(device, a.quick)
+                records += bench_model(device, ["resnet18"] if a.quick else a.models.split(","), a.out)
             elif section == "loader":
                 records += bench_loader(device, a.quick, work)
             elif section == "e2e":
@@ -334,4 +446,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

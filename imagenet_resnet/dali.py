@@ -15,12 +15,12 @@ val shard holds each image once, with no padding to trim.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from imagenet_resnet.config import Config
-from imagenet_resnet.data import Normalizer, Samples, TrainSampler, VAL_CROP_FRACTION, augmentation_seed, shard_range
+from imagenet_resnet.data import Loader, Normalizer, Samples, TrainSampler, VAL_CROP_FRACTION, augmentation_seed, shard_range
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
 
@@ -54,8 +54,14 @@ def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train
     return images, label.gpu() if gpu else label
 
 
-class DaliLoader:
-    """One split through DALI; yields normalised images and labels on the device."""
+class DaliLoader(Loader):
+    """One split through DALI; yields normalised images and labels on the device.
+
+    The train pipeline keeps DALI checkpointing on (no cost, per DALI's docs): `state()` is its
+    reader position and random state, so a run resumed mid-epoch gets the very crops and flips
+    it would have had. Without one (a resume on another world size), the rest of the epoch
+    has the same files in the same order, with fresh random crops.
+    """
 
     def __init__(self, cfg: Config, dist: DistInfo, normalize: Normalizer, split: str,
                  samples: list[tuple[str, int]]) -> None:
@@ -71,12 +77,30 @@ class DaliLoader:
         else:
             self.shard = list(shard_range(len(samples), dist.rank, dist.world_size))
             self.steps_per_epoch = -(-len(self.shard) // self.batch_size)
-        self.epoch, self.start_step = 0, 0
+        self.epoch = 0
+        self.origin = 0  # the step this epoch's pipeline starts from: its files, seed and checkpoints
+        self.done = 0  # batches yielded since origin
+        self.restored: dict[str, Any] | None = None  # a state() from a checkpoint, until used
+        self.checkpoint: bytes | None = None  # DALI's checkpoint to build the next pipeline from
+        self.batches: DALIGenericIterator | None = None  # the live train iterator
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+        state, self.restored = self.restored, None
+        if state and (state["epoch"], state["origin"] + state["done"]) == (epoch, start_step):
+            self.origin, self.done, self.checkpoint = state["origin"], state["done"], state["dali"]
+        else:
+            self.origin, self.done, self.checkpoint = start_step, 0, None
+        self.epoch = epoch
         if self.train:
-            self.sampler.set_position(epoch, start_step)
+            self.sampler.set_position(epoch, self.origin)
+
+    def state(self) -> dict[str, Any] | None:
+        if self.batches is None:
+            return None
+        return {"epoch": self.epoch, "origin": self.origin, "done": self.done, "dali": self.batches.checkpoints()[0]}
+
+    def restore(self, state: Any) -> None:
+        self.restored = state
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self.sampler.indices() if self.train else self.shard
@@ -87,16 +111,25 @@ class DaliLoader:
             file_root=self.root, files=[self.samples[i][0] for i in indices], labels=[self.samples[i][1] for i in indices],
             train=self.train, size=self.size, gpu=gpu,
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
-            seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.start_step) % 2**31,
+            seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
+            enable_checkpointing=self.train, checkpoint=self.checkpoint if self.train else None,
         )
         pipe.build()
         batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
-        for out in batches:
-            images, labels = out[0]["images"], out[0]["labels"]
-            images = images.to(self.dist.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
-            yield self.normalize(images), labels.view(-1).long().to(self.dist.device, non_blocking=True)
-        del batches, pipe
+        if self.train:
+            self.batches, self.checkpoint = batches, None
+        try:
+            for out in batches:
+                images, labels = out[0]["images"], out[0]["labels"]
+                images = images.to(self.dist.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
+                if self.train:
+                    self.done += 1
+                yield self.normalize(images), labels.view(-1).long().to(self.dist.device, non_blocking=True)
+        finally:
+            if self.train:
+                self.batches = None
+            del batches, pipe
 
 
 def build_dali_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer, samples: Samples) -> tuple[DaliLoader, DaliLoader]:

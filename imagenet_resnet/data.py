@@ -19,7 +19,7 @@ import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -70,6 +70,14 @@ class Loader(Protocol):
     def set_position(self, epoch: int, start_step: int = 0) -> None: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def state(self) -> Any:
+        """What an exact mid-epoch resume needs beyond (epoch, step); None where those suffice
+        (per-image augmentation seeds). DALI's own random state is the exception."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Take a `state()` saved in a checkpoint; it applies if set_position is then where it was taken."""
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -184,7 +192,7 @@ def read_mnist(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tens
     return out[0], out[1], out[2], out[3]
 
 
-class DeviceLoader:
+class DeviceLoader(Loader):
     """A dataset held as uint8 on the device; pad + random crop + flip run batched there.
 
     No per-image Python work per step: one gather per batch. For CIFAR on a GPU this is what
@@ -300,7 +308,7 @@ class ImageFileDataset(Dataset):
         return self.transform(image), label
 
 
-class HostLoader:
+class HostLoader(Loader):
     """A torchvision DataLoader whose batches are moved to the device and normalised there."""
 
     def __init__(self, loader: DataLoader, normalize: Normalizer, device, num_images, steps_per_epoch) -> None:

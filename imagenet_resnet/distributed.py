@@ -45,6 +45,19 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def store_prefix(world_size: int) -> str:
+    """Keys of this group in torchrun's store, which outlives a restart of the workers.
+
+    Without a prefix per attempt, a restarted gloo group can read a dead worker's address from
+    the previous attempt and wait for it (seen with torch 2.14 on one node). The restart count
+    is the same for every rank only under one agent (one node): across nodes agents count
+    restarts independently, so there torch's own key names are kept.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    one_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) == world_size
+    return f"default_pg/attempt{attempt}" if one_node else "default_pg"
+
+
 def init_distributed(requested_device: str) -> DistInfo:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -54,8 +67,11 @@ def init_distributed(requested_device: str) -> DistInfo:
         torch.cuda.set_device(device)
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = timedelta(minutes=30)
+        store, _, _ = next(torch_dist.rendezvous("env://", rank, world_size, timeout=timeout))
         torch_dist.init_process_group(
-            backend, timeout=timedelta(minutes=30), device_id=device if device.type == "cuda" else None
+            backend, store=torch_dist.PrefixStore(store_prefix(world_size), store), rank=rank, world_size=world_size,
+            timeout=timeout, device_id=device if device.type == "cuda" else None,
         )
     return DistInfo(rank, local_rank, world_size, device)
 

@@ -205,6 +205,7 @@ class Trainer:
             self.position = Position(**pos)
             self.train_sums = state["train_sums"][self.dist.rank].to(self.dist.device)
             restore_rng(state["rng"][self.dist.rank])
+            self.train_loader.restore(state["loader"][self.dist.rank])
         else:
             # Keep the count of images already seen this epoch: the same prefix of the epoch's permutation.
             done = pos["step_in_epoch"] * state["global_batch"] // self.global_batch
@@ -236,9 +237,10 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def save(self, best: bool = False) -> None:
-        """Collective: every rank contributes its RNG and partial sums; rank 0 writes."""
+        """Collective: every rank contributes its RNG, partial sums and loader state; rank 0 writes."""
         rng = all_gather_objects(capture_rng())
         sums = all_gather_objects(self.train_sums.cpu())
+        loader = all_gather_objects(self.train_loader.state())
         if self.dist.is_main:
             state = {
                 "model": unwrap(self.net).state_dict(),
@@ -247,6 +249,7 @@ class Trainer:
                 "train_sums": sums,
                 "best_top1": self.best_top1,
                 "rng": rng,
+                "loader": loader,
                 "config": config_to_dict(self.cfg),
                 "num_classes": self.num_classes,
                 "world_size": self.dist.world_size,

@@ -201,3 +201,23 @@ def test_slurm_script_checkpoints_and_requeues_on_the_time_limit_signal(cifar_ro
     assert "checkpointing and requeueing job 4242" in output and "stopped by SIGTERM at epoch 0" in output
     assert "requeue 4242" in calls.read_text()
     assert torch.load(out / "last.pt", weights_only=False)["position"]["step_in_epoch"] > 0
+
+
+def test_dali_run_stopped_mid_epoch_continues_with_the_same_crops(imagenet_root, tmp_path):
+    """DALI's checkpoint (reader position + RNG) travels in last.pt: the resumed epoch is bit-identical."""
+    def cmd(out: Path) -> list[str]:
+        return [sys.executable, "-m", "imagenet_resnet.train", "--config", "configs/imagenet_resnet18.yaml",
+                f"data.root={imagenet_root}", "data.loader=dali", "data.image_size=32", "data.batch_size=8",
+                "data.workers=1", "schedule.epochs=2", "schedule.warmup_epochs=0", "run.log_every_steps=1",
+                "run.checkpoint_every_steps=0", "wandb.mode=disabled", f"run.out_dir={out}"]
+
+    finish(start(cmd(tmp_path / "reference")))
+    out = tmp_path / "run"
+    proc = start(cmd(out))
+    wait_for(proc, "epoch 1 step 3/")
+    proc.send_signal(signal.SIGTERM)
+    assert "stopped by SIGTERM at epoch 1" in proc.communicate(timeout=300)[0]
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["loader"][0]["epoch"] == 1 and state["loader"][0]["done"] == state["position"]["step_in_epoch"] > 0
+    finish(start(cmd(out)))
+    assert exact(read_metrics(out)) == exact(read_metrics(tmp_path / "reference"))

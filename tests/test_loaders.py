@@ -44,14 +44,27 @@ def test_val_counts_each_image_once_over_uneven_shards(imagenet_root, kind):
 
 
 @pytest.mark.parametrize("kind", ["torchvision", "dali"])
-def test_train_epoch_shapes_ranks_and_resume_position(imagenet_root, kind):
+def test_train_epoch_shapes_ranks_and_exact_resume(imagenet_root, kind):
     train0 = loaders(imagenet_root, kind, 0, world=2)[0]
     train1 = loaders(imagenet_root, kind, 1, world=2)[0]
     n = train0.num_images
     assert train0.steps_per_epoch == train1.steps_per_epoch == (n // 2) // 4
     train0.set_position(1)
-    full = [y for _, y in train0]
-    assert len(full) == train0.steps_per_epoch and all(len(y) == 4 for y in full)
-    train0.set_position(1, start_step=2)
-    rest = [y for x, y in train0]
-    assert [y.tolist() for y in rest] == [y.tolist() for y in full[2:]]
+    full = list(train0)
+    assert len(full) == train0.steps_per_epoch and all(len(y) == 4 for _, y in full)
+    # A checkpoint after 2 batches: a new loader given the saved state() continues with the very
+    # same augmented images (torchvision: per-image seeds; DALI: its checkpointed RNG and reader).
+    interrupted = loaders(imagenet_root, kind, 0, world=2)[0]
+    interrupted.set_position(1)
+    batches = iter(interrupted)
+    next(batches), next(batches)
+    resumed = loaders(imagenet_root, kind, 0, world=2)[0]
+    resumed.restore(interrupted.state())
+    resumed.set_position(1, start_step=2)
+    rest = list(resumed)
+    assert len(rest) == len(full) - 2
+    assert all(torch.equal(x, fx) and torch.equal(y, fy) for (x, y), (fx, fy) in zip(rest, full[2:]))
+    # Without a state (a resume on another world size): the same files in the same order.
+    bare = loaders(imagenet_root, kind, 0, world=2)[0]
+    bare.set_position(1, start_step=2)
+    assert [y.tolist() for _, y in bare] == [y.tolist() for _, y in full[2:]]
