@@ -14,15 +14,20 @@ from data_prep.generate import generate_cifar
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli_env() -> dict[str, str]:
+def cli_env(gpu: bool = False) -> dict[str, str]:
+    """The environment of a command under test: on the CPU unless `gpu` (the exact-equality
+    tests rely on the CPU's deterministic kernels, also on a machine that has a GPU)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
-def run_module(module: str, *args: str, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_module(module: str, *args: str, timeout: int = 600, check: bool = True,
+               gpu: bool = False) -> subprocess.CompletedProcess:
     """`python -m module args` in a fresh process, as a user would run it."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(),
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(gpu),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

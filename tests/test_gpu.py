@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def train(config: str, out, *overrides: str) -> tuple[str, list[dict]]:
     proc = run_module("imagenet_resnet.train", "--config", config, f"run.out_dir={out}", "wandb.mode=disabled",
-                      "run.log_every_steps=1", *overrides)
+                      "run.log_every_steps=1", *overrides, gpu=True)
     return proc.stdout, read_metrics(out)
 
 
@@ -77,7 +77,7 @@ def test_dali_gpu_decode_resumes_mid_epoch_with_the_same_images(imagenet_root):
 
 
 def test_bench_runs_every_gpu_configuration_and_profiles_the_fastest(tmp_path):
-    run_module("imagenet_resnet.bench", "--out", str(tmp_path), "--quick", "--only", "model", timeout=1200)
+    run_module("imagenet_resnet.bench", "--out", str(tmp_path), "--quick", "--only", "model", timeout=1200, gpu=True)
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert all(r["value"] and r["value"] > 0 for r in records if r["section"] == "model")  # nothing skipped
     busy = [r["value"] for r in records if r["name"].endswith("GPU busy")]
