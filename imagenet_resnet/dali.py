@@ -112,7 +112,7 @@ class DaliLoader(Loader):
             train=self.train, size=self.size, gpu=gpu,
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
             seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
-            enable_checkpointing=self.train, checkpoint=self.checkpoint if self.train else None,
+            enable_checkpointing=self.train, checkpoint=self.checkpoint,
         )
         pipe.build()
         batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",

@@ -40,19 +40,20 @@ CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python
 
 @dataclass(frozen=True)
 class SmallDataset:
-    """A dataset that fits on the device: normalisation, whether flips are label-preserving, channels."""
+    """A dataset that fits on the device: normalisation, whether flips are label-preserving, shape."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     flip: bool
     channels: int
+    classes: int
 
 
 SMALL_DATASETS = {
-    "cifar10": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3),
-    "cifar100": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3),
-    "mnist": SmallDataset((0.1307,), (0.3081,), flip=False, channels=1),  # a flipped digit is another glyph
-    "fashion_mnist": SmallDataset((0.2860,), (0.3530,), flip=False, channels=1),
+    "cifar10": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3, classes=10),
+    "cifar100": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3, classes=100),
+    "mnist": SmallDataset((0.1307,), (0.3081,), flip=False, channels=1, classes=10),  # a flipped digit is another glyph
+    "fashion_mnist": SmallDataset((0.2860,), (0.3530,), flip=False, channels=1, classes=10),
 }
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -394,7 +395,7 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
         args = dict(batch_size=cfg.data.batch_size, normalize=normalize, dist=dist, seed=cfg.run.seed)
         train = DeviceLoader(train_x, train_y, train=True, padding=cfg.data.crop_padding, flip=spec.flip, **args)
         val = DeviceLoader(val_x, val_y, train=False, padding=0, flip=False, **args)
-        return train, val, {"cifar100": 100}.get(dataset, 10)
+        return train, val, spec.classes
     if kind == "device":
         raise UserError(f"config key data.loader=device: only for {', '.join(SMALL_DATASETS)}; use torchvision or dali")
     root = Path(cfg.data.root)

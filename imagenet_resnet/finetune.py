@@ -21,7 +21,6 @@ from imagenet_resnet.errors import UserError
 from imagenet_resnet.models import stages
 
 HEAD = "fc."
-FREEZE_PATTERN = re.compile(r"^(none|backbone|up_to_stage:[1-9])$")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -68,7 +67,8 @@ def load_pretrained(model: nn.Module, path: str | Path) -> set[str]:
 def apply_freeze(model: nn.Module, spec: str) -> None:
     if spec == "none":
         return
-    frozen = [model.conv1, model.bn1] + stages(model)[: len(stages(model)) if spec == "backbone" else int(spec.split(":")[1])]
+    all_stages = stages(model)
+    frozen = [model.conv1, model.bn1] + all_stages[: len(all_stages) if spec == "backbone" else int(spec.split(":")[1])]
     for module in frozen:
         for param in module.parameters():
             param.requires_grad_(False)

@@ -182,9 +182,8 @@ class Trainer:
     def _accumulation_steps(self, state: dict[str, Any] | None) -> int:
         """optim.accumulation_steps, or what keeps a resumed run's global batch on a new world size."""
         per_step = self.cfg.data.batch_size * self.dist.world_size
-        if state is None or state["world_size"] == self.dist.world_size:
-            return self.cfg.optim.accumulation_steps
-        if self.cfg.run.on_world_size_change == "scale_lr":
+        same_world = state is None or state["world_size"] == self.dist.world_size
+        if same_world or self.cfg.run.on_world_size_change == "scale_lr":
             return self.cfg.optim.accumulation_steps
         if state["global_batch"] % per_step:
             raise UserError(

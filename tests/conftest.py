@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -32,6 +33,20 @@ def run_module(module: str, *args: str, timeout: int = 600, check: bool = True,
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def resumed_after(make_loader: Callable[[], Any], epoch: int, steps: int) -> list:
+    """The rest of `epoch` from a new loader given the state() of one stopped after `steps` batches,
+    as a run resumed from a mid-epoch checkpoint gets it."""
+    interrupted = make_loader()
+    interrupted.set_position(epoch)
+    batches = iter(interrupted)
+    for _ in range(steps):
+        next(batches)
+    resumed = make_loader()
+    resumed.restore(interrupted.state())
+    resumed.set_position(epoch, start_step=steps)
+    return list(resumed)
 
 
 @pytest.fixture(scope="session")

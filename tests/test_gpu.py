@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_module
+from conftest import resumed_after, run_module
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import DistInfo
@@ -62,14 +62,7 @@ def test_dali_gpu_decode_resumes_mid_epoch_with_the_same_images(imagenet_root):
     full_run = loader()
     full_run.set_position(1)
     full = list(full_run)
-    interrupted = loader()
-    interrupted.set_position(1)
-    batches = iter(interrupted)
-    next(batches), next(batches)
-    resumed = loader()
-    resumed.restore(interrupted.state())
-    resumed.set_position(1, start_step=2)
-    rest = list(resumed)
+    rest = resumed_after(loader, epoch=1, steps=2)
     assert rest[0][0].is_cuda and rest[0][0].dtype == torch.bfloat16
     assert rest[0][0].is_contiguous(memory_format=torch.channels_last)
     assert len(rest) == len(full) - 2

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torchvision.datasets import ImageFolder
 
+from conftest import resumed_after
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import DistInfo
@@ -54,14 +55,7 @@ def test_train_epoch_shapes_ranks_and_exact_resume(imagenet_root, kind):
     assert len(full) == train0.steps_per_epoch and all(len(y) == 4 for _, y in full)
     # A checkpoint after 2 batches: a new loader given the saved state() continues with the very
     # same augmented images (torchvision: per-image seeds; DALI: its checkpointed RNG and reader).
-    interrupted = loaders(imagenet_root, kind, 0, world=2)[0]
-    interrupted.set_position(1)
-    batches = iter(interrupted)
-    next(batches), next(batches)
-    resumed = loaders(imagenet_root, kind, 0, world=2)[0]
-    resumed.restore(interrupted.state())
-    resumed.set_position(1, start_step=2)
-    rest = list(resumed)
+    rest = resumed_after(lambda: loaders(imagenet_root, kind, 0, world=2)[0], epoch=1, steps=2)
     assert len(rest) == len(full) - 2
     assert all(torch.equal(x, fx) and torch.equal(y, fy) for (x, y), (fx, fy) in zip(rest, full[2:]))
     # Without a state (a resume on another world size): the same files in the same order.
