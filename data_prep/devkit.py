@@ -13,18 +13,20 @@ import argparse
 import io
 import json
 import os
+import re
 import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import scipy.io
 
-from imagenet_resnet.cli import run_main
+from imagenet_resnet.cli import existing_file, run_main
 from imagenet_resnet.errors import UserError
 
 META = "data/meta.mat"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 VAL_NAME = "ILSVRC2012_val_{:08d}.JPEG"
+WNID = re.compile(r"n\d{8}")
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,19 @@ def read_devkit(path: Path) -> Devkit:
     try:
         records = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
         leaves = [
-            Synset(int(r["ILSVRC2012_ID"]), str(r["WNID"]), str(r["words"]), int(r["num_train_images"]))
+            # words become one line of synsets.txt whatever whitespace or line breaks they hold
+            Synset(int(r["ILSVRC2012_ID"]), str(r["WNID"]), " ".join(str(r["words"]).split()), int(r["num_train_images"]))
             for r in records
             if int(r["num_children"]) == 0
         ]
     except (KeyError, ValueError, TypeError) as err:
         raise UserError(f"{path}: {META} is not the devkit's synsets table ({err})") from err
+    for s in leaves:  # a WNID becomes a folder name under DEST: nothing but n + 8 digits may pass
+        if not WNID.fullmatch(s.wnid):
+            raise UserError(f"{path}: {META} gives class {s.ilsvrc_id} the WNID {s.wnid!r}, not n + 8 digits; "
+                            f"refusing to use it as a folder name")
+    if len({s.wnid for s in leaves}) != len(leaves):
+        raise UserError(f"{path}: {META} lists a WNID twice among its leaf synsets")
     by_id = {s.ilsvrc_id: s.wnid for s in leaves}
     try:
         val_wnids = {VAL_NAME.format(i): by_id[int(v)] for i, v in enumerate(truth, start=1)}
@@ -76,11 +85,14 @@ def read_devkit(path: Path) -> Devkit:
 
 
 def save(devkit: Devkit, dest: Path) -> None:
-    (dest / ".prep").mkdir(parents=True, exist_ok=True)
-    lines = "".join(f"{i} {s.wnid} {s.words}\n" for i, s in enumerate(devkit.synsets))
-    write_atomic(dest / "synsets.txt", lines)
-    write_atomic(dest / ".prep" / "devkit.json",
-                 json.dumps({"synsets": [asdict(s) for s in devkit.synsets], "val_wnids": devkit.val_wnids}))
+    try:
+        (dest / ".prep").mkdir(parents=True, exist_ok=True)
+        lines = "".join(f"{i} {s.wnid} {s.words}\n" for i, s in enumerate(devkit.synsets))
+        write_atomic(dest / "synsets.txt", lines)
+        write_atomic(dest / ".prep" / "devkit.json",
+                     json.dumps({"synsets": [asdict(s) for s in devkit.synsets], "val_wnids": devkit.val_wnids}))
+    except OSError as err:
+        raise UserError(f"DEST={dest}: cannot write there ({err.strerror}: {err.filename})") from err
 
 
 def load(dest: Path) -> Devkit:
@@ -96,7 +108,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Parse the devkit into DEST/synsets.txt and DEST/.prep/devkit.json.")
-    p.add_argument("--devkit", type=Path, required=True)
+    p.add_argument("--devkit", type=existing_file, required=True)
     p.add_argument("--dest", type=Path, required=True)
     a = p.parse_args()
     devkit = read_devkit(a.devkit)

@@ -18,21 +18,24 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tarfile
+import unicodedata
 from collections import defaultdict
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_prep import devkit as devkit_mod
-from imagenet_resnet.cli import run_main
+from imagenet_resnet.cli import existing_file, positive_int, run_main
 from imagenet_resnet.errors import UserError
 
 WNID_TAR = re.compile(r"^(n\d{8})\.tar$")
+UNSAFE_CATEGORIES = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
 
 
 @dataclass(frozen=True)
@@ -101,9 +104,23 @@ def problem(data: bytes) -> str | None:
                 return f"{im.format} named .JPEG"
             if im.mode not in ("RGB", "L"):
                 return f"{im.mode} JPEG"
+    except UnidentifiedImageError:
+        return "unreadable: not an image PIL can identify"
     except OSError as err:
         return f"unreadable: {err}"
     return None
+
+
+def plain_name(member: str, where: str) -> tuple[str, str | None]:
+    """The file name to write for an inner tar member, and why it differs from the member's own.
+
+    A path never leaves the class folder (only the last part is kept), and a line break or another
+    control character, which would break the one-line-per-file lists, is written as %XX."""
+    name = member.rsplit("/", 1)[-1]
+    if name in ("", ".", ".."):
+        raise UserError(f"{where}: holds a file member named {member!r}, which is no file name")
+    safe = "".join(f"%{ord(c):02X}" if unicodedata.category(c) in UNSAFE_CATEGORIES else c for c in name)
+    return safe, (f"renamed from {member!r}: control character or line break in the name" if safe != name else None)
 
 
 def to_rgb_jpeg(data: bytes) -> bytes:
@@ -114,22 +131,31 @@ def to_rgb_jpeg(data: bytes) -> bytes:
 
 
 def _files(archive, unit: Unit):
-    """(file name, bytes) of a unit, read from the open archive at the members' offsets."""
+    """(file name, why it was renamed or None, bytes) of a unit, read from the open archive at the
+    members' offsets. Val names were checked against the devkit's list (VAL_NAME) already."""
     for name, offset, size in unit.members:
         archive.seek(offset)
         data = archive.read(size)
         if len(data) != size:
             raise UserError(f"{archive.name}: truncated inside {name}")
         if not unit.nested:
-            yield name, data
+            yield name, None, data
             continue
         try:
             with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as inner:
                 for m in inner.getmembers():
                     if m.isfile():
-                        yield os.path.basename(m.name), inner.extractfile(m).read()
+                        yield *plain_name(m.name, f"{archive.name}: class tar {name}"), inner.extractfile(m).read()
         except (tarfile.TarError, EOFError) as err:
             raise UserError(f"{archive.name}: class tar {name} is corrupt ({err})") from err
+
+
+def human_size(num_bytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000 or unit == "GB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes:.0f} B"
+        num_bytes /= 1000
+    raise AssertionError("unreachable")
 
 
 def extract_unit(archive_path: Path, unit: Unit, dest: Path) -> dict:
@@ -138,26 +164,33 @@ def extract_unit(archive_path: Path, unit: Unit, dest: Path) -> dict:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     converted, unreadable, count = [], [], 0
-    with open(archive_path, "rb") as archive:
-        for name, data in _files(archive, unit):
-            reason = problem(data)
-            if reason and reason.startswith("unreadable"):
-                unreadable.append(f"{unit.wnid}/{name}: {reason}")
-            elif reason:
-                data = to_rgb_jpeg(data)
-                converted.append(f"{unit.split}/{unit.wnid}/{name}: {reason}")
-            (partial / name).write_bytes(data)
-            count += 1
-    record = {"wnid": unit.wnid, "files": count, "converted": converted, "unreadable": unreadable}
-    devkit_mod.write_atomic(dest / ".prep" / unit.split / f"{unit.wnid}.json", json.dumps(record))
-    os.rename(partial, dest / unit.split / unit.wnid)  # the commit point: a class folder is complete
+    try:
+        with open(archive_path, "rb") as archive:
+            for name, renamed, data in _files(archive, unit):
+                reason = problem(data)
+                if reason and reason.startswith("unreadable"):
+                    unreadable.append(f"{unit.wnid}/{name}: {reason}")
+                elif reason:
+                    data = to_rgb_jpeg(data)
+                    converted.append(f"{unit.split}/{unit.wnid}/{name}: {reason}")
+                if renamed:
+                    converted.append(f"{unit.split}/{unit.wnid}/{name}: {renamed}")
+                (partial / name).write_bytes(data)
+                count += 1
+        record = {"wnid": unit.wnid, "files": count, "converted": converted, "unreadable": unreadable}
+        devkit_mod.write_atomic(dest / ".prep" / unit.split / f"{unit.wnid}.json", json.dumps(record))
+        os.rename(partial, dest / unit.split / unit.wnid)  # the commit point: a class folder is complete
+    except OSError as err:  # disk full, quota, read-only: free what this unit took, name the place
+        shutil.rmtree(partial, ignore_errors=True)
+        raise UserError(f"DEST={dest}: cannot write {err.filename or partial} ({err.strerror}); "
+                        f"free space or choose another DEST, then run the same command again") from err
     return record
 
 
 def check_free_space(dest: Path, needed: int) -> None:
     free = shutil.disk_usage(dest).free
     if free < needed * 1.05:
-        raise UserError(f"{dest}: {free / 1e9:.1f} GB free, {needed * 1.05 / 1e9:.1f} GB needed for the rest")
+        raise UserError(f"{dest}: {human_size(free)} free, {human_size(needed * 1.05)} needed for the rest")
 
 
 def extract(split: str, archive: Path, dest: Path, workers: int) -> None:
@@ -172,10 +205,11 @@ def extract(split: str, archive: Path, dest: Path, workers: int) -> None:
     if not todo:
         return
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc=split,
-               mininterval=0.5 if interactive else 15, file=sys.stderr)
     done = 0
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # The bar is closed (its line ended) before any error is printed.
+    with tqdm(total=sum(u.size for u in todo), unit="B", unit_scale=True, desc=split,
+              mininterval=0.5 if interactive else 15, file=sys.stderr) as bar, \
+            ProcessPoolExecutor(max_workers=workers, initializer=ignore_sigint) as pool:
         pending = {pool.submit(extract_unit, archive, u, dest): u for u in todo}
         try:
             while pending:
@@ -186,19 +220,23 @@ def extract(split: str, archive: Path, dest: Path, workers: int) -> None:
                     done += 1
                     bar.update(unit.size)
                     bar.set_postfix_str(f"{done}/{len(todo)} classes", refresh=False)
-        except BaseException:
+        except BaseException:  # Ctrl-C or an error: classes in progress finish, the rest wait for a re-run
             for future in pending:
                 future.cancel()
             raise
-    bar.close()
+
+
+def ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the main process, which reports it once (not one traceback each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description="Extract one split of ILSVRC2012 into DEST/<split>/<wnid>/.")
     p.add_argument("--split", choices=("train", "val"), required=True)
-    p.add_argument("--archive", type=Path, required=True)
+    p.add_argument("--archive", type=existing_file, required=True)
     p.add_argument("--dest", type=Path, required=True)
-    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count())
     a = p.parse_args()
     extract(a.split, a.archive, a.dest, a.workers)
 

@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -23,8 +24,9 @@ from pathlib import Path
 from PIL import Image
 
 from data_prep import devkit as devkit_mod
+from data_prep.extract import ignore_sigint
 from data_prep.layout import COMPLETE_MARKER, DEVKIT, MANIFEST, TRAIN_TAR, VAL_TAR
-from imagenet_resnet.cli import run_main
+from imagenet_resnet.cli import positive_int, run_main
 from imagenet_resnet.errors import UserError
 
 
@@ -63,17 +65,20 @@ def write_file_lists(dest: Path, kit: devkit_mod.Devkit) -> dict[str, list[tuple
     return lists
 
 
-def count_problems(kit: devkit_mod.Devkit, lists: dict[str, list[tuple[str, int]]]) -> list[str]:
+Problem = tuple[str, str | None, str]  # split, the class folder it condemns (None: no single one), message
+
+
+def count_problems(kit: devkit_mod.Devkit, lists: dict[str, list[tuple[str, int]]]) -> list[Problem]:
     expected = {"train": {s.wnid: s.num_train_images for s in kit.synsets}, "val": Counter(kit.val_wnids.values())}
     problems = []
     for split, files in lists.items():
         found = Counter(path.split("/")[0] for path, _ in files)
         for wnid in sorted(expected[split]):
             if found[wnid] != expected[split][wnid]:
-                problems.append(f"{split}/{wnid}: {found[wnid]} images, the devkit says {expected[split][wnid]}")
+                problems.append((split, wnid, f"{split}/{wnid}: {found[wnid]} images, the devkit says {expected[split][wnid]}"))
         total, want = sum(found.values()), sum(expected[split].values())
         if total != want:
-            problems.append(f"{split}: {total} images in all, expected {want}")
+            problems.append((split, None, f"{split}: {total} images in all, expected {want}"))
     return problems
 
 
@@ -88,10 +93,21 @@ def decode_error(path: Path) -> str | None:
     return None
 
 
-def decode_all(dest: Path, lists: dict[str, list[tuple[str, int]]], workers: int) -> list[str]:
-    paths = [dest / split / path for split, files in lists.items() for path, _ in files]
-    with ProcessPoolExecutor(workers) as pool:
-        return [e for e in pool.map(decode_error, paths, chunksize=256) if e]
+def decode_all(dest: Path, lists: dict[str, list[tuple[str, int]]], workers: int) -> list[Problem]:
+    files = [(split, path) for split, items in lists.items() for path, _ in items]
+    with ProcessPoolExecutor(workers, initializer=ignore_sigint) as pool:
+        errors = pool.map(decode_error, [dest / split / path for split, path in files], chunksize=256)
+        return [(split, path.split("/")[0], e) for (split, path), e in zip(files, errors) if e]
+
+
+def set_aside(dest: Path, problems: list[Problem]) -> list[str]:
+    """Remove the class folders that failed, so the next run extracts them again (a class folder
+    that exists counts as done); returns them as split/wnid."""
+    condemned = sorted({(split, wnid) for split, wnid, _ in problems if wnid})
+    for split, wnid in condemned:
+        shutil.rmtree(dest / split / wnid, ignore_errors=True)
+        (dest / ".prep" / split / f"{wnid}.json").unlink(missing_ok=True)
+    return [f"{split}/{wnid}" for split, wnid in condemned]
 
 
 def finish(dest: Path, src: Path, decode: bool, workers: int) -> None:
@@ -100,13 +116,18 @@ def finish(dest: Path, src: Path, decode: bool, workers: int) -> None:
     records = {split: [json.loads(p.read_text()) for p in sorted((dest / ".prep" / split).glob("*.json"))]
                for split in ("train", "val")}
     converted = [c for rs in records.values() for r in rs for c in r["converted"]]
-    problems = count_problems(kit, lists) + [u for rs in records.values() for r in rs for u in r["unreadable"]]
+    problems = count_problems(kit, lists) + [(split, r["wnid"], f"{split}/{u}") for split, rs in records.items()
+                                             for r in rs for u in r["unreadable"]]
     if decode:
         print(f"verify: decoding all {sum(map(len, lists.values()))} images with {workers} processes", flush=True)
         problems += decode_all(dest, lists, workers)
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise UserError(f"{dest}: verification failed, {len(problems)} problem(s):\n  {shown}")
+        messages = [message for _, _, message in problems]
+        shown = "\n  ".join(messages[:20]) + (f"\n  ... and {len(messages) - 20} more" if len(messages) > 20 else "")
+        redo = set_aside(dest, problems)
+        raise UserError(f"{dest}: verification failed, {len(messages)} problem(s):\n  {shown}\n"
+                        + (f"Removed {len(redo)} class folder(s) ({', '.join(redo[:5])}{' ...' if len(redo) > 5 else ''}); "
+                           f"the next run extracts them again from the archives." if redo else ""))
     devkit_mod.write_atomic(dest / "converted.txt", "".join(c + "\n" for c in converted))
     manifest = {
         "sources": source_stamp(src),
@@ -121,7 +142,7 @@ def finish(dest: Path, src: Path, decode: bool, workers: int) -> None:
     devkit_mod.write_atomic(dest / MANIFEST, json.dumps(manifest, indent=1))
     devkit_mod.write_atomic(dest / COMPLETE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     print(f"verified: {manifest['images']['train']} train and {manifest['images']['val']} val images in "
-          f"{len(kit.synsets)} classes; {len(converted)} file(s) re-encoded as RGB JPEG (list: {dest / 'converted.txt'})",
+          f"{len(kit.synsets)} classes; {len(converted)} file(s) re-encoded or renamed (list: {dest / 'converted.txt'})",
           flush=True)
     for line in converted:
         print(f"  converted {line}", flush=True)
@@ -132,7 +153,7 @@ def main() -> None:
     p.add_argument("--dest", type=Path, required=True)
     p.add_argument("--src", type=Path, required=True)
     p.add_argument("--decode", action="store_true", help="also decode every image (slow, parallel)")
-    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count())
     p.add_argument("--check-up-to-date", action="store_true", help="exit 0 if DEST is complete for SRC, else 1")
     a = p.parse_args()
     if a.check_up_to_date:

@@ -26,6 +26,7 @@ import scipy.io
 from PIL import Image
 
 from data_prep.layout import DEVKIT, TRAIN_TAR, VAL_TAR
+from imagenet_resnet.cli import positive_int
 
 SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
                  "num_train_images")
@@ -61,12 +62,13 @@ def add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_meta_mat(path: Path, wnids_by_id: list[str], train_counts: dict[str, int], inner_nodes: int) -> None:
+def write_meta_mat(path: Path, wnids_by_id: list[str], train_counts: dict[str, int], inner_nodes: int,
+                   words: dict[str, str] | None = None) -> None:
     """meta.mat as in the devkit: leaves with IDs 1..C (in ID order), then inner nodes."""
     rows = []
     for i, wnid in enumerate(wnids_by_id, start=1):
-        rows.append((i, wnid, f"class {wnid}, synset {i}", f"gloss of {wnid}", 0, np.zeros((0,), dtype=np.uint8),
-                     0, train_counts[wnid]))
+        text = (words or {}).get(wnid, f"class {wnid}, synset {i}")
+        rows.append((i, wnid, text, f"gloss of {wnid}", 0, np.zeros((0,), dtype=np.uint8), 0, train_counts[wnid]))
     leaves = len(wnids_by_id)
     for j in range(inner_nodes):
         children = np.arange(1 + j, leaves + 1, max(1, inner_nodes), dtype=np.uint16)
@@ -79,11 +81,15 @@ def write_meta_mat(path: Path, wnids_by_id: list[str], train_counts: dict[str, i
 
 
 def generate(out: Path, classes: int = 10, train_per_class: tuple[int, int] = (10, 14), val_per_class: int = 4,
-             size: tuple[int, int] = (64, 48), seed: int = 0, plant_problems: bool = True, quality: int = 90) -> Path:
-    """Write the three archives into `out`; returns `out`. Image sizes vary +-25% around `size`."""
+             size: tuple[int, int] = (64, 48), seed: int = 0, plant_problems: bool = True, quality: int = 90,
+             wnids: list[str] | None = None, words: dict[str, str] | None = None) -> Path:
+    """Write the three archives into `out`; returns `out`. Image sizes vary +-25% around `size`.
+    `wnids` and `words` (per wnid) replace the drawn ones: tests give hostile names this way."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
-    wnids = sorted({f"n{x:08d}" for x in rng.choice(np.arange(1_000_000, 15_000_000), classes, replace=False)})
+    drawn = {f"n{x:08d}" for x in rng.choice(np.arange(1_000_000, 15_000_000), classes, replace=False)}
+    wnids = sorted(wnids or drawn)
+    classes = len(wnids)
     wnids_by_id = list(rng.permutation(wnids))  # ILSVRC2012_ID order differs from sorted order
     if wnids_by_id == wnids and classes > 1:
         wnids_by_id = wnids_by_id[1:] + wnids_by_id[:1]
@@ -114,7 +120,7 @@ def generate(out: Path, classes: int = 10, train_per_class: tuple[int, int] = (1
 
     id_of = {w: i for i, w in enumerate(wnids_by_id, start=1)}
     mat = io.BytesIO()
-    write_meta_mat(mat, wnids_by_id, train_counts, inner_nodes=max(2, classes // 4))
+    write_meta_mat(mat, wnids_by_id, train_counts, inner_nodes=max(2, classes // 4), words=words)
     truth = "".join(f"{id_of[w]}\n" for w in val_wnids).encode()
     with tarfile.open(out / DEVKIT, "w:gz") as devkit:
         add_bytes(devkit, "ILSVRC2012_devkit_t12/data/meta.mat", mat.getvalue())
@@ -188,13 +194,15 @@ def generate_mnist(root: Path, train_per_class: int = 50, val_per_class: int = 1
 def main() -> None:
     p = argparse.ArgumentParser(description="Write small ILSVRC2012-format archives.")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--train-per-class", type=int, nargs=2, default=(10, 14), metavar=("MIN", "MAX"))
-    p.add_argument("--val-per-class", type=int, default=4)
-    p.add_argument("--size", type=int, nargs=2, default=(64, 48), metavar=("W", "H"))
-    p.add_argument("--quality", type=int, default=90)
+    p.add_argument("--classes", type=positive_int, default=10)
+    p.add_argument("--train-per-class", type=positive_int, nargs=2, default=(10, 14), metavar=("MIN", "MAX"))
+    p.add_argument("--val-per-class", type=positive_int, default=4)
+    p.add_argument("--size", type=positive_int, nargs=2, default=(64, 48), metavar=("W", "H"))
+    p.add_argument("--quality", type=positive_int, default=90)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.train_per_class[0] > a.train_per_class[1] or a.quality > 100:
+        p.error("--train-per-class MIN MAX needs MIN <= MAX; --quality is 1..100")
     generate(a.out, a.classes, tuple(a.train_per_class), a.val_per_class, tuple(a.size), a.seed, quality=a.quality)
     print(f"wrote {TRAIN_TAR}, {VAL_TAR}, {DEVKIT} ({a.classes} classes) to {a.out}")
 

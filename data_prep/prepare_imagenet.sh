@@ -38,8 +38,10 @@ if "$PYTHON" -m data_prep.finish --check-up-to-date --src "$SRC" --dest "$DEST";
   echo "$DEST is already prepared from these archives (remove $DEST/COMPLETE to redo the checks)"
   exit 0
 fi
-mkdir -p "$DEST"
+mkdir -p "$DEST" 2>/dev/null || die "DEST=$DEST: cannot create the folder"
+[[ -w $DEST ]] || die "DEST=$DEST: not writable (read-only filesystem or no permission)"
 rm -f "$DEST/COMPLETE"  # from here until the end, DEST is not complete
+trap 'echo "interrupted: $DEST is incomplete; run the same command again to continue" >&2; exit 130' INT
 
 step() { echo "== $*"; }
 step "1/4 devkit: classes and val labels"

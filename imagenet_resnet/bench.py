@@ -33,8 +33,9 @@ from imagenet_resnet.cli import run_main
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.errors import UserError
 from imagenet_resnet.metrics import read_metrics
-from imagenet_resnet.models import build_model
+from imagenet_resnet.models import build_model, list_models
 from imagenet_resnet.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,9 +416,15 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smallest sizes (for the test suite)")
     p.add_argument("--models", default="resnet18,resnet50,seresnet50", help="models of the model section")
     a = p.parse_args()
+    sections = a.only.split(",")
+    unknown = [s for s in sections if s not in SECTIONS] + [m for m in a.models.split(",") if m not in list_models()]
+    if unknown:
+        raise UserError(f"--only/--models: unknown {', '.join(unknown)}; sections: {', '.join(SECTIONS)}; "
+                        f"models: see imagenet_resnet.models.list_models()")
+    if a.out.exists() and not a.out.is_dir():
+        raise UserError(f"--out {a.out}: exists and is not a folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment()
-    sections = a.only.split(",")
     records: list[Record] = []
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     try:
@@ -431,10 +438,8 @@ def main() -> None:
                 records += bench_e2e(device, a.quick, work)
             elif section == "cifar":
                 records += bench_cifar(device, a.quick, work)
-            elif section == "prep":
-                records += bench_prep(a.quick, work)
             else:
-                raise SystemExit(f"error: --only {section}: expected some of {', '.join(SECTIONS)}")
+                records += bench_prep(a.quick, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     a.out.mkdir(parents=True, exist_ok=True)

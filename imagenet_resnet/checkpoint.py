@@ -2,7 +2,8 @@
 
 `save_atomic` writes a temporary file, fsyncs it, moves the old file aside as `<name>.prev`
 and renames the new one into place: at every instant one complete checkpoint exists.
-`load_latest` takes the newest readable one and warns when it had to fall back.
+`load_latest` takes the newest readable one, warns when it had to fall back, and refuses
+(rather than start over) when there are checkpoints but none can be read.
 
     save_atomic(state, out_dir / "last.pt")
     state, path = load_latest(out_dir)          # (None, None) when nothing was saved yet
@@ -47,6 +48,11 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     _fsync_dir(path.parent)
 
 
+# What a resume reads; a file without them is not one of this project's checkpoints.
+REQUIRED_KEYS = ("model", "optimizer", "position", "train_sums", "best_top1", "rng", "loader", "config",
+                 "num_classes", "world_size", "global_batch")
+
+
 def load_file(path: Path) -> dict[str, Any]:
     """A checkpoint file; UserError naming it if it is missing, truncated or not ours."""
     try:
@@ -55,20 +61,27 @@ def load_file(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found") from err
     except Exception as err:  # truncated zip, pickle garbage, ...: all mean "unusable"
         raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or "model" not in state or "position" not in state:
-        raise UserError(f"{path}: not a checkpoint written by imagenet_resnet")
+    missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else ["all"]
+    if missing:
+        raise UserError(f"{path}: not a checkpoint written by imagenet_resnet training (missing: {', '.join(missing)})")
     return state
 
 
 def load_latest(out_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
-    """The newest valid of last.pt and last.pt.prev; warns on stderr about a corrupt one."""
-    for path in (out_dir / LAST, out_dir / (LAST + ".prev")):
-        if not path.exists():
-            continue
+    """The newest readable of last.pt and last.pt.prev, warning about a corrupt one; (None, None)
+    when neither exists. Raises UserError when they exist but none reads: a fresh start would
+    overwrite the run."""
+    found = [path for path in (out_dir / LAST, out_dir / (LAST + ".prev")) if path.exists()]
+    problems = []
+    for path in found:
         try:
             return load_file(path), path
         except UserError as err:
-            print(f"warning: {err}; trying the previous checkpoint", file=sys.stderr, flush=True)
+            problems.append(str(err))
+            fallback = "; trying the previous checkpoint" if path != found[-1] else ""
+            print(f"warning: {err}{fallback}", file=sys.stderr, flush=True)
+    if problems:
+        raise UserError(f"{out_dir}: no readable checkpoint ({'; '.join(problems)})")
     return None, None
 
 

@@ -11,10 +11,28 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from imagenet_resnet.config import Config, load_config
 from imagenet_resnet.errors import UserError
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (workers, classes): the flag is named in argparse's error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def existing_file(text: str) -> Path:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return Path(text)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -30,9 +48,14 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run `main`; a UserError becomes `error: ...` on stderr and exit status 2."""
+    """Run `main`; a UserError becomes `error: ...` on stderr and exit status 2, Ctrl-C a line
+    (not a traceback) and status 130."""
     try:
         main()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept; run the same command again to continue", file=sys.stderr,
+              flush=True)
+        sys.exit(130)

@@ -11,6 +11,7 @@ dotted names. Unknown keys, wrong types and bad choices are refused with the key
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,35 @@ from omegaconf.errors import OmegaConfBaseException
 from imagenet_resnet.errors import UserError
 
 
+def _require(key: str, value: Any, ok: bool, expected: str) -> None:
+    """The one way a value is refused: `config key <key>=<value>: <what is expected>`."""
+    if not ok:
+        raise UserError(f"config key {key}={value!r}: {expected}")
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise UserError(f"config key {key}={value!r}: expected one of {', '.join(allowed)}")
+    _require(key, value, value in allowed, f"expected one of {', '.join(allowed)}")
+
+
+def _number(key: str, value: float, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> None:
+    """A finite number in [low, high], either end open if asked."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if high == math.inf:
+        expected = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    _require(key, value, math.isfinite(value) and above and below, f"expected {expected}")
+
+
+def _not_a_folder(key: str, value: str) -> None:
+    _require(key, value, not value or not Path(value).is_dir(), "is a folder; expected a file")
+
+
+def _not_a_file(key: str, value: str) -> None:
+    _require(key, value, bool(value), "must not be empty")
+    _require(key, value, not Path(value).exists() or Path(value).is_dir(), "exists and is not a folder")
 
 
 @dataclass
@@ -36,8 +63,15 @@ class ModelConfig:
     freeze: str = "none"  # none | backbone (train the head only) | up_to_stage:K (stem and stages 1..K fixed)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"none|backbone|up_to_stage:[1-9]", self.freeze):
-            raise UserError(f"config key model.freeze={self.freeze!r}: expected none, backbone or up_to_stage:K")
+        from imagenet_resnet.models import list_models  # torch and timm: only once a config is loaded
+
+        _choice("model.name", self.name, tuple(list_models()))
+        _require("model.freeze", self.freeze, bool(re.fullmatch(r"none|backbone|up_to_stage:[1-9]", self.freeze)),
+                 "expected none, backbone or up_to_stage:K")
+        _not_a_folder("model.init_from", self.init_from)
+
+
+DEVICE_DATASETS = ("cifar10", "cifar100", "mnist", "fashion_mnist")  # small enough to live on the device
 
 
 @dataclass
@@ -55,8 +89,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "folder"))
         _choice("data.loader", self.loader, ("auto", "device", "torchvision", "dali"))
-        if self.batch_size < 1:
-            raise UserError(f"config key data.batch_size={self.batch_size}: must be >= 1")
+        _require("data.root", self.root, bool(self.root), "must not be empty")
+        _number("data.batch_size", self.batch_size, 1)
+        _number("data.image_size", self.image_size, 16, 2048)
+        _number("data.workers", self.workers, 0, 256)
+        _number("data.crop_padding", self.crop_padding, 0, 64)
+        small = self.dataset in DEVICE_DATASETS
+        _require("data.loader", self.loader, self.loader in (("auto", "device") if small else ("auto", "torchvision", "dali")),
+                 f"data.dataset={self.dataset} uses " + ("data.loader=device (or auto)" if small else
+                                                        "data.loader=torchvision or dali (or auto)"))
 
 
 @dataclass
@@ -70,8 +111,14 @@ class OptimConfig:
     pretrained_lr_scale: float = 1.0  # lr multiplier for weights loaded by model.init_from (fine-tuning)
 
     def __post_init__(self) -> None:
-        if self.accumulation_steps < 1:
-            raise UserError(f"config key optim.accumulation_steps={self.accumulation_steps}: must be >= 1")
+        _number("optim.base_lr", self.base_lr, 0, low_open=True)
+        _number("optim.momentum", self.momentum, 0, 1, high_open=True)
+        _require("optim.nesterov", self.nesterov, not self.nesterov or self.momentum > 0,
+                 "Nesterov momentum needs optim.momentum > 0")
+        _number("optim.weight_decay", self.weight_decay, 0)
+        _number("optim.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        _number("optim.accumulation_steps", self.accumulation_steps, 1)
+        _number("optim.pretrained_lr_scale", self.pretrained_lr_scale, 0)
 
 
 @dataclass
@@ -85,10 +132,17 @@ class ScheduleConfig:
     warmup_start_factor: float = 0.0  # fraction of the peak lr at step 0
 
     def __post_init__(self) -> None:
+        _number("schedule.epochs", self.epochs, 1)
         _choice("schedule.kind", self.kind, ("step", "cosine"))
+        _require("schedule.milestones", self.milestones,
+                 all(0.0 < m < 1.0 for m in self.milestones) and self.milestones == sorted(set(self.milestones)),
+                 "increasing fractions of the run, each in (0, 1)")
+        _number("schedule.gamma", self.gamma, 0, 1, low_open=True)
+        _number("schedule.warmup_epochs", self.warmup_epochs, 0)
+        _require("schedule.warmup_epochs", self.warmup_epochs, self.warmup_epochs <= self.epochs,
+                 f"warmup longer than the run (schedule.epochs={self.epochs})")
         _choice("schedule.warmup_kind", self.warmup_kind, ("linear", "constant"))
-        if any(not 0.0 < m < 1.0 for m in self.milestones):
-            raise UserError(f"config key schedule.milestones={self.milestones}: fractions in (0, 1)")
+        _number("schedule.warmup_start_factor", self.warmup_start_factor, 0, 1)
 
 
 @dataclass
@@ -109,10 +163,15 @@ class RunConfig:
     on_world_size_change: str = "keep_global_batch"
 
     def __post_init__(self) -> None:
+        _not_a_file("run.out_dir", self.out_dir)
+        _number("run.seed", self.seed, 0, 2**31 - 1)
         _choice("run.device", self.device, ("auto", "cuda", "cpu"))
         _choice("run.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("run.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
         _choice("run.on_world_size_change", self.on_world_size_change, ("keep_global_batch", "scale_lr"))
+        _not_a_folder("run.resume", self.resume)
+        _number("run.checkpoint_every_steps", self.checkpoint_every_steps, 0)
+        _number("run.log_every_steps", self.log_every_steps, 1)
 
 
 @dataclass
@@ -121,9 +180,12 @@ class WandbConfig:
     project: str = "imagenet-resnet"
     entity: str = ""
     name: str = ""  # defaults to the out_dir's name
+    init_timeout_s: float = 60.0  # online: give up on the server after this long and log offline instead
 
     def __post_init__(self) -> None:
         _choice("wandb.mode", self.mode, ("online", "offline", "disabled"))
+        _require("wandb.project", self.project, bool(self.project), "must not be empty")
+        _number("wandb.init_timeout_s", self.init_timeout_s, 0, 3600, low_open=True)
 
 
 @dataclass
@@ -135,6 +197,11 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    def __post_init__(self) -> None:
+        """Rules across sections (those within one section are checked by it)."""
+        _require("model.sync_bn", self.model.sync_bn, not (self.model.sync_bn and self.run.device == "cpu"),
+                 "PyTorch's SyncBatchNorm runs on CUDA only (run.device=cpu)")
+
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
     """First line of OmegaConf's message plus the dotted key it names."""
@@ -144,33 +211,42 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML recipe, then `section.key=value` overrides, validated."""
-    merged = [OmegaConf.structured(Config)]
+    """Defaults, then the YAML recipe, then `section.key=value` overrides, validated.
+
+    A key or type error names where it came from: the recipe file, or the override itself.
+    """
+    merged = OmegaConf.structured(Config)
     if path is not None:
         if not Path(path).is_file():
             raise UserError(f"{path}: config file not found")
         try:
-            merged.append(OmegaConf.load(path))
+            recipe = OmegaConf.load(path)
         except Exception as err:  # yaml.YAMLError and friends: name the file
             raise UserError(f"{path}: not valid YAML: {err}") from err
+        merged = _merge(merged, recipe, f"{path}: ")
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r}: expected section.key=value")
+        try:
+            override = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise UserError(f"override {item!r}: {_omegaconf_message(err)}") from err
+        merged = _merge(merged, override, f"override {item!r}: ")
     try:
-        merged.append(OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_object(OmegaConf.merge(*merged))
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        where = f"{path}: " if path is not None else ""
+        raise UserError(_omegaconf_message(err)) from err
+
+
+def _merge(base: Any, extra: Any, where: str) -> Any:
+    try:
+        return OmegaConf.merge(base, extra)
+    except OmegaConfBaseException as err:
         raise UserError(where + _omegaconf_message(err)) from err
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config saved with config_to_dict (e.g. inside a checkpoint)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

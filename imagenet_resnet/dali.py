@@ -20,7 +20,17 @@ from typing import Any, Iterator
 import torch
 
 from imagenet_resnet.config import Config
-from imagenet_resnet.data import Loader, Normalizer, Samples, TrainSampler, VAL_CROP_FRACTION, augmentation_seed, shard_range
+from imagenet_resnet.data import (
+    Loader,
+    Normalizer,
+    Samples,
+    TrainSampler,
+    VAL_CROP_FRACTION,
+    augmentation_seed,
+    image_problem,
+    shard_range,
+    unreadable_image,
+)
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
 
@@ -32,6 +42,9 @@ except ImportError as err:  # pragma: no cover - depends on the machine
         "data.loader=dali but NVIDIA DALI is not installed: pip install 'imagenet-resnet[dali]' "
         "(nvidia-dali-cuda130), or use data.loader=torchvision"
     ) from err
+
+
+PREFETCH_BATCHES = 4  # the failing batch and DALI's prefetch queue (depth 2) with a margin
 
 
 @pipeline_def(enable_conditionals=False)
@@ -107,8 +120,9 @@ class DaliLoader(Loader):
         if not indices:
             return
         gpu = self.dist.device.type == "cuda"
+        files = [self.samples[i][0] for i in indices]
         pipe = imagenet_pipeline(
-            file_root=self.root, files=[self.samples[i][0] for i in indices], labels=[self.samples[i][1] for i in indices],
+            file_root=self.root, files=files, labels=[self.samples[i][1] for i in indices],
             train=self.train, size=self.size, gpu=gpu,
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
             seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
@@ -119,10 +133,18 @@ class DaliLoader(Loader):
                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
         if self.train:
             self.batches, self.checkpoint = batches, None
+        yielded = 0
         try:
-            for out in batches:
+            while True:
+                try:
+                    out = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as err:  # DALI names the operator, not the file
+                    raise self._bad_file(files, yielded * self.batch_size) or err from None
                 images, labels = out[0]["images"], out[0]["labels"]
                 images = images.to(self.dist.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
+                yielded += 1
                 if self.train:
                     self.done += 1
                 yield self.normalize(images), labels.view(-1).long().to(self.dist.device, non_blocking=True)
@@ -130,6 +152,16 @@ class DaliLoader(Loader):
             if self.train:
                 self.batches = None
             del batches, pipe
+
+
+    def _bad_file(self, files: list[str], first: int) -> UserError | None:
+        """The file that broke the pipeline: the first that does not decode in the batches DALI
+        had in flight (the failing one and its prefetch queue); None if they all do."""
+        for name in files[first : first + PREFETCH_BATCHES * self.batch_size]:
+            problem = image_problem(Path(self.root) / name)
+            if problem:
+                return unreadable_image(Path(self.root) / name, problem)
+        return None
 
 
 def build_dali_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer, samples: Samples) -> tuple[DaliLoader, DaliLoader]:

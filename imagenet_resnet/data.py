@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -252,16 +253,33 @@ Samples = dict[str, list[tuple[str, int]]]  # split -> (path relative to <root>/
 
 
 def read_file_lists(root: Path) -> tuple[Samples, int]:
-    """prepare-imagenet's DEST/train.txt and val.txt, and the class count from synsets.txt."""
+    """prepare-imagenet's DEST/train.txt and val.txt, and the class count from synsets.txt's labels."""
+    synsets = root / "synsets.txt"
+    try:
+        text = synsets.read_text()
+    except OSError as err:
+        raise UserError(f"{synsets}: missing or unreadable ({err.strerror}); re-run make prepare-imagenet") from err
+    # "<label> <wnid> <words>" per class; a line that is not one (words of an older devkit parse) is no class.
+    labels = [int(m[1]) for m in re.finditer(r"^(\d+) n\d{8}(?: |$)", text, re.MULTILINE)]
+    if not labels or labels != list(range(len(labels))):
+        raise UserError(f"{synsets}: expected lines '<label> <wnid> <words>' with labels 0, 1, 2, ...; "
+                        f"re-run make prepare-imagenet")
+    num_classes = len(labels)
     samples = {}
     for split in ("train", "val"):
         list_path = root / f"{split}.txt"
         try:
             lines = list_path.read_text().splitlines()
-            samples[split] = [(path, int(label)) for path, label in (line.rsplit(" ", 1) for line in lines if line)]
-        except (OSError, ValueError) as err:
-            raise UserError(f"{list_path}: unreadable file list ({err}); re-run make prepare-imagenet") from err
-    return samples, len((root / "synsets.txt").read_text().splitlines())
+        except OSError as err:
+            raise UserError(f"{list_path}: unreadable file list ({err.strerror}); re-run make prepare-imagenet") from err
+        samples[split] = []
+        for number, line in enumerate(lines, start=1):
+            path, _, label = line.rpartition(" ")
+            if not (path and label.isdigit() and int(label) < num_classes):
+                raise UserError(f"{list_path}: line {number} is not '<path> <label>' with a label below the "
+                                f"{num_classes} classes of {synsets.name}: {line[:200]!r}; re-run make prepare-imagenet")
+            samples[split].append((path, int(label)))
+    return samples, num_classes
 
 
 def scan_folders(root: Path) -> tuple[Samples, int]:
@@ -290,8 +308,42 @@ def check_prepared(root: Path) -> None:
         )
 
 
+def unreadable_image(path: Path | str, reason: str) -> UserError:
+    """One bad file in a 1.2M-image set: name it, say how to check the rest and how to go on."""
+    return UserError(
+        f"{path}: unreadable image ({reason}). Replace the file, or check the whole dataset with "
+        f"`make prepare-imagenet SRC=<archives> DEST=<data.root> VERIFY=decode`; then run the same command again, "
+        f"it continues from the newest checkpoint in run.out_dir"
+    )
+
+
+def read_image(path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(str(path), mode=ImageReadMode.RGB)
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` does not decode as an RGB image, or None if it does."""
+    try:
+        read_image(path)
+    except (RuntimeError, OSError) as err:
+        return decode_error_text(err)
+    return None
+
+
+def decode_error_text(err: Exception) -> str:
+    """torchvision's message without its C++ source location ("decode_image, .../x.cpp:61, ")."""
+    return re.sub(r"^\w+, \S+:\d+, ", "", str(err))
+
+
 class ImageFileDataset(Dataset):
-    """JPEG files decoded by torchvision.io into uint8 CHW; keys are (index, augmentation seed)."""
+    """JPEG files decoded by torchvision.io into uint8 CHW; keys are (index, augmentation seed).
+
+    Yields (image, label, error): a file that does not decode gives a blank image and its error
+    text, which the loader raises in the main process (a worker's exception would arrive as a
+    traceback of the worker instead).
+    """
 
     def __init__(self, folder: Path, samples: list[tuple[str, int]], transform) -> None:
         self.folder, self.samples, self.transform = folder, samples, transform
@@ -299,14 +351,15 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        from torchvision.io import ImageReadMode, decode_image
-
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, str]:
         index, seed = key
         path, label = self.samples[index]
         torch.manual_seed(seed)  # transforms v2 draw from the global generator of this worker
-        image = decode_image(str(self.folder / path), mode=ImageReadMode.RGB)
-        return self.transform(image), label
+        try:
+            image, error = read_image(self.folder / path), ""
+        except (RuntimeError, OSError) as err:
+            image, error = torch.zeros(3, 1, 1, dtype=torch.uint8), str(unreadable_image(self.folder / path, decode_error_text(err)))
+        return self.transform(image), label, error
 
 
 class HostLoader(Loader):
@@ -321,7 +374,10 @@ class HostLoader(Loader):
             self.loader.sampler.set_position(epoch, start_step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
+        for images, labels, errors in self.loader:
+            error = next((e for e in errors if e), None)
+            if error:
+                raise UserError(error)
             images = images.to(self.device, non_blocking=True)
             yield self.normalize(images), labels.to(self.device, non_blocking=True)
 
@@ -386,9 +442,7 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
     channels_last = cfg.run.channels_last and dist.device.type == "cuda"
     dataset = cfg.data.dataset
     if dataset in SMALL_DATASETS:
-        spec = SMALL_DATASETS[dataset]
-        if kind != "device":
-            raise UserError(f"config key data.loader={kind}: {dataset} uses the device loader (data.loader=device)")
+        spec = SMALL_DATASETS[dataset]  # config.py has checked data.loader against data.dataset
         read = read_cifar if dataset.startswith("cifar") else read_mnist
         train_x, train_y, val_x, val_y = read(cfg.data.root, dataset)
         normalize = Normalizer.create(spec.mean, spec.std, dist.device, input_dtype, channels_last)
@@ -396,8 +450,6 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
         train = DeviceLoader(train_x, train_y, train=True, padding=cfg.data.crop_padding, flip=spec.flip, **args)
         val = DeviceLoader(val_x, val_y, train=False, padding=0, flip=False, **args)
         return train, val, spec.classes
-    if kind == "device":
-        raise UserError(f"config key data.loader=device: only for {', '.join(SMALL_DATASETS)}; use torchvision or dali")
     root = Path(cfg.data.root)
     if dataset == "imagenet":
         check_prepared(root)

@@ -12,7 +12,7 @@ import json
 import torch
 
 from imagenet_resnet.checkpoint import load_file, unwrap
-from imagenet_resnet.cli import parse, parser, run_main
+from imagenet_resnet.cli import existing_file, parse, parser, run_main
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import init_distributed, shutdown
 from imagenet_resnet.errors import UserError
@@ -21,7 +21,7 @@ from imagenet_resnet.trainer import build_network, evaluate, use_bf16
 
 def main(argv: list[str] | None = None) -> None:
     p = parser("Evaluate a checkpoint: top-1/top-5 over every val image exactly once.")
-    p.add_argument("--checkpoint", required=True, help="a last.pt or best.pt written by training")
+    p.add_argument("--checkpoint", required=True, type=existing_file, help="a last.pt or best.pt written by training")
     args, cfg = parse(p, argv)
     dist = init_distributed(cfg.run.device)
     try:

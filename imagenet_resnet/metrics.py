@@ -9,17 +9,16 @@
 from __future__ import annotations
 
 import json
-import netrc
 import os
 import secrets
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from imagenet_resnet.config import Config, config_to_dict
+from imagenet_resnet.errors import UserError
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_run_id.txt"
@@ -33,20 +32,46 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. An incomplete last line (an append cut short by a crash) is
+    left out; a bad line before the last is refused with its number."""
     path = Path(out_dir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as err:
+            if number == len(lines):
+                print(f"warning: {path}: line {number} is incomplete (interrupted write); ignored",
+                      file=sys.stderr, flush=True)
+                break
+            raise UserError(f"{path}: line {number} is not a JSON record ({err}); fix or remove that line") from err
+    return records
 
 
-def wandb_api_key_present() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
+def wandb_mode(configured: str) -> str:
+    """The mode wandb runs in: the environment's WANDB_MODE / WANDB_DISABLED win over the config
+    (clusters set them to keep runs off the network), and online needs credentials wandb knows."""
+    import wandb
+
+    mode, source = configured, "wandb.mode"
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        mode, source = "disabled", "WANDB_DISABLED"
+    elif env_mode:
+        mode, source = {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode), "WANDB_MODE"
+        if mode not in ("online", "offline", "disabled"):
+            raise UserError(f"WANDB_MODE={env_mode}: expected online, offline or disabled")
+    if mode != configured:
+        print(f"wandb: {source} from the environment: {mode} (wandb.mode={configured} overridden)", flush=True)
+    if mode == "online" and not wandb.login(prompt=False, verify=False):  # env key, .netrc, for wandb's own host
+        print("wandb: no API key found (wandb login); logging offline, sync later with `wandb sync`", flush=True)
+        mode = "offline"
+    return mode
 
 
 class RunLog:
@@ -66,27 +91,28 @@ class RunLog:
 
     @staticmethod
     def _start_wandb(cfg: Config, out_dir: Path, resumed: bool):
-        mode = cfg.wandb.mode
+        mode = wandb_mode(cfg.wandb.mode)
         if mode == "disabled":
             return None
         import wandb
 
-        if mode == "online" and not wandb_api_key_present():
-            print("wandb: no API key found (wandb login); logging offline, sync later with `wandb sync`", flush=True)
-            mode = "offline"
         id_file = out_dir / WANDB_ID
         run_id = id_file.read_text().strip() if resumed and id_file.exists() else secrets.token_hex(4)
-        id_file.write_text(run_id)
-        return wandb.init(
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity or None,
-            name=cfg.wandb.name or out_dir.name,
-            dir=str(out_dir),
-            mode=mode,
-            id=run_id,
-            resume="allow",  # same id after a restart: the same run continues
-            config=config_to_dict(cfg),
-        )
+        args = dict(project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=cfg.wandb.name or out_dir.name,
+                    dir=str(out_dir), resume="allow",  # same id after a restart: the same run continues
+                    config=config_to_dict(cfg), settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s))
+        try:
+            id_file.write_text(run_id)
+            return wandb.init(mode=mode, id=run_id, **args)
+        except Exception as err:  # no network, server down, bad key: training matters more than the dashboard
+            if mode != "online":
+                raise
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"warning: wandb could not start online ({first_line}); logging offline, sync later with "
+                  f"`wandb sync {out_dir / 'wandb'}`", file=sys.stderr, flush=True)
+            run_id = secrets.token_hex(4)  # the failed attempt keeps its id busy in wandb's service
+            id_file.write_text(run_id)
+            return wandb.init(mode="offline", id=run_id, **args)
 
     def step(self, global_step: int, values: dict[str, float]) -> None:
         if self.wandb is not None:

@@ -58,10 +58,18 @@ def main() -> None:
     p.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
     p.add_argument("--out", type=Path, help="PNG path (default: <first run>/curves.png)")
     a = p.parse_args()
+    for run in a.runs:
+        if not run.is_dir():
+            raise UserError(f"{run}: not a run folder")
+    out = a.out or a.runs[0] / "curves.png"
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UserError(f"--out {out}: expected a .png, .pdf or .svg file name")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
     empty = [str(r) for r in a.runs if not read_metrics(r)]
     if empty:
         raise UserError(f"{', '.join(empty)}: no metrics.jsonl records to plot")
-    out = plot_runs(a.runs, a.out or a.runs[0] / "curves.png")
+    plot_runs(a.runs, out)
     print(summary_table(a.runs))
     print(f"plot: {out}")
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from imagenet_resnet.checkpoint import BEST, LAST, capture_rng, load_file, load_latest, restore_rng, save_atomic, unwrap
-from imagenet_resnet.config import Config, config_from_dict, config_to_dict, save_config
+from imagenet_resnet.config import Config, config_to_dict, save_config
 from imagenet_resnet.data import Loader, build_loaders, input_channels
 from imagenet_resnet.distributed import (
     DistInfo,
@@ -37,7 +37,7 @@ from imagenet_resnet.distributed import (
 )
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.finetune import apply_freeze, load_pretrained
-from imagenet_resnet.metrics import RunLog, topk_correct
+from imagenet_resnet.metrics import RunLog, read_metrics, topk_correct
 from imagenet_resnet.models import build_model
 from imagenet_resnet.optim import Schedule, build_optimizer, scaled_lr, set_lr
 
@@ -119,7 +119,7 @@ class Trainer:
         self.steps_per_epoch = self.train_loader.steps_per_epoch // self.accum  # optimizer steps
         if self.steps_per_epoch < 1:
             raise UserError(
-                f"data.batch_size={cfg.data.batch_size} x {dist.world_size} processes x {self.accum} accumulation "
+                f"config key data.batch_size={cfg.data.batch_size}: x {dist.world_size} processes x {self.accum} accumulation "
                 f"steps is more than the {self.train_loader.num_images} training images: no full step per epoch"
             )
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
@@ -139,7 +139,8 @@ class Trainer:
             else self.net
         )
         self.stop_requested = False
-        self.log = self._start_log(resumed=state is not None) if dist.is_main else None
+        self.finished = self.position.epoch >= cfg.schedule.epochs
+        self.log = self._start_log(resumed=state is not None) if dist.is_main and not self.finished else None
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -168,16 +169,41 @@ class Trainer:
         return RunLog(self.cfg, self.out_dir, self.position.epoch, resumed)
 
     def _find_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
-        """run.resume, else out_dir's newest valid checkpoint; rank 0 chooses so all load the same file."""
-        path = None
-        if self.dist.is_main:
-            path = Path(self.cfg.run.resume) if self.cfg.run.resume else load_latest(self.out_dir)[1]
+        """The checkpoint to continue from (rank 0 chooses, so all load the same file), or none."""
+        path = self._checkpoint_path() if self.dist.is_main else None
         path = broadcast_object(path)
         if path is None:
             return None, None
         state = load_file(path)
         self._check_compatible(state, path)
         return state, path
+
+    def _checkpoint_path(self) -> Path | None:
+        """out_dir's own newest checkpoint; run.resume only seeds a folder that has none, so a
+        restarted or requeued command continues its own progress instead of going back to it."""
+        resume = self.cfg.run.resume
+        try:
+            own = load_latest(self.out_dir)[1]
+        except UserError as err:
+            if not resume:
+                raise UserError(f"{err}. Nothing was changed. {self._how_to_continue()}") from err
+            own = None
+            print(f"warning: continuing from run.resume={resume} instead", file=sys.stderr, flush=True)
+        if own is not None:
+            if resume:
+                print(f"run.resume={resume} not used: {self.out_dir} has its own newer checkpoint {own}", flush=True)
+            return own
+        if resume:
+            return Path(resume)
+        if (self.out_dir / BEST).exists() or read_metrics(self.out_dir):
+            raise UserError(f"{self.out_dir}: holds a run (metrics.jsonl or best.pt) but no {LAST} to continue "
+                            f"it from. Nothing was changed. {self._how_to_continue()}")
+        return None
+
+    def _how_to_continue(self) -> str:
+        best = self.out_dir / BEST
+        return ((f"To continue from {best}, add run.resume={best}; " if best.exists() else "")
+                + "to start over, use a new run.out_dir (or move this folder away).")
 
     def _accumulation_steps(self, state: dict[str, Any] | None) -> int:
         """optim.accumulation_steps, or what keeps a resumed run's global batch on a new world size."""
@@ -222,12 +248,13 @@ class Trainer:
             print(f"resumed from {path}: epoch {self.position.epoch}, step {self.position.step_in_epoch}", flush=True)
 
     def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
-        saved, now = config_to_dict(config_from_dict(state["config"])), config_to_dict(self.cfg)
+        saved, now = state["config"], config_to_dict(self.cfg)
         diffs = []
         for key in MUST_MATCH:
             section, name = key.split(".")
-            if saved[section][name] != now[section][name]:
-                diffs.append(f"{key}: checkpoint {saved[section][name]!r}, now {now[section][name]!r}")
+            before = saved.get(section, {}).get(name)
+            if before != now[section][name]:
+                diffs.append(f"{key}: checkpoint {before!r}, now {now[section][name]!r}")
         if state["num_classes"] != self.num_classes:
             diffs.append(f"classes: checkpoint {state['num_classes']}, now {self.num_classes}")
         if diffs:
@@ -262,6 +289,11 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> list[dict[str, Any]]:
+        if self.finished:
+            if self.dist.is_main:
+                print(f"{self.out_dir}: finished, {self.position.epoch} epochs done (schedule.epochs="
+                      f"{self.cfg.schedule.epochs}); raise schedule.epochs to train longer", flush=True)
+            return []
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         records = []
         try:
@@ -358,10 +390,10 @@ class Trainer:
         local = int(first_bad.item())
         if all_reduce_sum(torch.tensor([float(local >= 0)], device=self.dist.device)).item():
             where = f"step {local}" if local >= 0 else "a step on another rank"
-            raise UserError(
-                f"non-finite training loss at epoch {epoch}, {where}; stopped without saving, the last "
-                f"good checkpoint is {self.out_dir / LAST}. Lower optim.base_lr or lengthen warmup."
-            )
+            last = self.out_dir / LAST
+            saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+            raise UserError(f"non-finite training loss at epoch {epoch}, {where}; stopped without saving, {saved}. "
+                            f"Lower optim.base_lr or lengthen schedule.warmup_epochs.")
 
     def _stop_agreed(self) -> bool:
         flag = all_reduce_sum(torch.tensor([float(self.stop_requested)], device=self.dist.device))

@@ -25,10 +25,10 @@ def cli_env(gpu: bool = False) -> dict[str, str]:
     return env
 
 
-def run_module(module: str, *args: str, timeout: int = 600, check: bool = True,
-               gpu: bool = False) -> subprocess.CompletedProcess:
-    """`python -m module args` in a fresh process, as a user would run it."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(gpu),
+def run_module(module: str, *args: str, timeout: int = 600, check: bool = True, gpu: bool = False,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m module args` in a fresh process, as a user would run it (`env` adds variables)."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env={**cli_env(gpu), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

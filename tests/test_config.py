@@ -67,3 +67,177 @@ def test_missing_cifar_names_the_path(tmp_path):
                       "wandb.mode=disabled", check=False)
     assert proc.returncode == 2
     assert str(tmp_path / "cifar-10-batches-py") in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- every key's valid range (issue 15) -------------------------------------------------------------
+
+# Bad values for every key: each must end in one `error:` line naming the key, exit status 2.
+BAD_VALUES = {
+    "model.name": ["resnet51", "''"],
+    "model.zero_init_residual": ["maybe"],
+    "model.sync_bn": ["perhaps"],
+    "model.init_from": ["{folder}"],
+    "model.freeze": ["everything", "up_to_stage:0"],
+    "data.dataset": ["imagenet21k"],
+    "data.root": ["''"],
+    "data.batch_size": ["0", "-3", "many"],
+    "data.image_size": ["0", "4096"],
+    "data.loader": ["ffcv"],
+    "data.workers": ["-1"],
+    "data.crop_padding": ["-1"],
+    "optim.base_lr": ["-1", "0", "nan", "inf"],
+    "optim.momentum": ["1", "-0.1"],
+    "optim.nesterov": ["often"],
+    "optim.weight_decay": ["-1e-4", "nan"],
+    "optim.label_smoothing": ["1", "-0.1"],
+    "optim.accumulation_steps": ["0"],
+    "optim.pretrained_lr_scale": ["-1", "inf"],
+    "schedule.epochs": ["0", "-1"],
+    "schedule.kind": ["exponential"],
+    "schedule.milestones": ["[0.75,0.5]", "[1.0]", "[0]", "[0.5,0.5]"],
+    "schedule.gamma": ["0", "1.5"],
+    "schedule.warmup_epochs": ["-1", "500", "nan"],
+    "schedule.warmup_kind": ["cubic"],
+    "schedule.warmup_start_factor": ["1.5", "-0.1"],
+    "run.out_dir": ["{file}", "''"],
+    "run.seed": ["-1", "3000000000"],
+    "run.device": ["tpu"],
+    "run.precision": ["fp8"],
+    "run.channels_last": ["sometimes"],
+    "run.compile": ["maybe"],
+    "run.compile_mode": ["fast"],
+    "run.resume": ["{folder}"],
+    "run.checkpoint_every_steps": ["-1"],
+    "run.log_every_steps": ["0"],
+    "run.on_world_size_change": ["guess"],
+    "wandb.mode": ["cloud"],
+    "wandb.project": ["''"],
+    "wandb.init_timeout_s": ["0", "nan"],
+}
+ANY_STRING = {"wandb.entity", "wandb.name"}  # free text: no value is wrong
+
+# Rules across keys: (overrides, the key the error must name).
+CROSS_KEY = [
+    (["optim.nesterov=true", "optim.momentum=0"], "optim.nesterov"),
+    (["schedule.epochs=1", "schedule.warmup_epochs=2"], "schedule.warmup_epochs"),
+    (["data.dataset=imagenet", "data.loader=device"], "data.loader"),
+    (["data.dataset=cifar10", "data.loader=torchvision"], "data.loader"),
+    (["data.dataset=mnist", "data.loader=dali"], "data.loader"),
+    (["model.sync_bn=true", "run.device=cpu"], "model.sync_bn"),
+]
+
+
+def leaf_keys(cls, prefix: str = "") -> list[str]:
+    import dataclasses
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        inner = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(inner):
+            keys += leaf_keys(inner, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def test_the_table_covers_every_config_key():
+    assert sorted(BAD_VALUES) == sorted(set(leaf_keys(Config)) - ANY_STRING)
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """The real `train` entry in this process (run_main included): exit status and stderr."""
+    from imagenet_resnet.cli import run_main
+    from imagenet_resnet.train import main
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(lambda: main(argv))
+    return stop.value.code, capsys.readouterr().err
+
+
+def assert_one_error_line(code: int, err: str, key: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert key in lines[0], lines[0]
+
+
+BAD_CASES = [(key, value) for key, values in BAD_VALUES.items() for value in values]
+
+
+@pytest.mark.parametrize("key, value", BAD_CASES, ids=[f"{k}={v}" for k, v in BAD_CASES])
+def test_each_bad_value_is_refused_naming_the_key(key, value, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_folder").mkdir()
+    value = value.format(file=tmp_path / "a_file", folder=tmp_path / "a_folder")
+    out = tmp_path / "run"
+    overrides = [f"run.out_dir={out}"] if key != "run.out_dir" else []
+    code, err = run_cli(["--config", "configs/cifar10_resnet20.yaml", *overrides, f"{key}={value}"], capsys)
+    assert_one_error_line(code, err, key)
+    assert not out.exists(), "nothing may be written before the config is valid"
+
+
+@pytest.mark.parametrize("overrides, key", CROSS_KEY, ids=[" ".join(o) for o, _ in CROSS_KEY])
+def test_rules_across_keys(overrides, key, tmp_path, capsys):
+    code, err = run_cli(["--config", "configs/cifar10_resnet20.yaml", f"run.out_dir={tmp_path / 'run'}", *overrides],
+                        capsys)
+    assert_one_error_line(code, err, key)
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_size_against_the_data(cifar_root, tmp_path, capsys):
+    """Known only once the data is read (600 images here): still refused before anything is written."""
+    code, err = run_cli(["--config", "configs/cifar10_resnet20.yaml", f"data.root={cifar_root}", "data.batch_size=1000",
+                         f"run.out_dir={tmp_path / 'run'}", "wandb.mode=disabled"], capsys)
+    assert_one_error_line(code, err, "data.batch_size")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_override_error_names_the_override_not_the_recipe(capsys):
+    code, err = run_cli(["--config", "configs/cifar10_resnet20.yaml", "optim.lr=0.1"], capsys)
+    assert_one_error_line(code, err, "override 'optim.lr=0.1'")
+    assert "cifar10_resnet20.yaml" not in err
+
+
+def test_check_config_validates_without_training(tmp_path):
+    proc = run_module("imagenet_resnet.train", "--check-config", "--config", "configs/imagenet_resnet50.yaml",
+                      f"run.out_dir={tmp_path / 'run'}")
+    assert "config OK: model resnet50" in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_out_dir_that_is_a_file_in_a_real_process(tmp_path):
+    """The issue's report, as a user meets it: a real process, exit 2, one line, no traceback."""
+    (tmp_path / "passwd").write_text("root:x:0:0\n")
+    proc = run_module("imagenet_resnet.train", "--config", "configs/cifar10_resnet20.yaml",
+                      f"run.out_dir={tmp_path / 'passwd'}", check=False)
+    assert_one_error_line(proc.returncode, proc.stderr, "run.out_dir")
+    assert "exists and is not a folder" in proc.stderr
+
+
+# Bad command-line flags of the other tools: (module, args, what the one error must name). argparse's
+# own refusals print a usage line first; either way exit 2, the flag named, no traceback.
+BAD_FLAGS = [
+    ("imagenet_resnet.evaluate", ["--config", "configs/cifar10_resnet20.yaml", "--checkpoint", "{tmp}/none.pt"], "--checkpoint"),
+    ("imagenet_resnet.evaluate", ["--config", "configs/cifar10_resnet20.yaml", "--checkpoint", "{tmp}/x.pt",
+                                  "optim.base_lr=0"], "optim.base_lr"),
+    ("imagenet_resnet.plot", ["{tmp}/x.pt"], "not a run folder"),
+    ("imagenet_resnet.plot", ["{tmp}", "--out", "{tmp}/curves.txt"], "--out"),
+    ("imagenet_resnet.plot", ["{tmp}", "--out", "{tmp}/missing/curves.png"], "--out"),
+    ("imagenet_resnet.bench", ["--only", "gpu-burn"], "gpu-burn"),
+    ("imagenet_resnet.bench", ["--models", "resnet51"], "resnet51"),
+    ("imagenet_resnet.bench", ["--out", "{tmp}/x.pt"], "--out"),
+    ("data_prep.extract", ["--split", "train", "--archive", "{tmp}/x.pt", "--dest", "{tmp}", "--workers", "0"], "--workers"),
+    ("data_prep.extract", ["--split", "train", "--archive", "{tmp}/none.tar", "--dest", "{tmp}"], "--archive"),
+    ("data_prep.finish", ["--dest", "{tmp}", "--src", "{tmp}", "--workers", "-2"], "--workers"),
+    ("data_prep.devkit", ["--devkit", "{tmp}/none.tar.gz", "--dest", "{tmp}"], "--devkit"),
+    ("data_prep.generate", ["--out", "{tmp}/g", "--classes", "0"], "--classes"),
+    ("data_prep.generate", ["--out", "{tmp}/g", "--train-per-class", "9", "3"], "--train-per-class"),
+]
+
+
+@pytest.mark.parametrize("module, args, named", BAD_FLAGS, ids=[f"{m} {' '.join(a[-2:])}" for m, a, _ in BAD_FLAGS])
+def test_bad_flags_of_the_other_tools(module, args, named, tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"x")
+    proc = run_module(module, *[a.format(tmp=tmp_path) for a in args], check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and named in errors[0], proc.stderr
+    assert not (tmp_path / "g").exists()
