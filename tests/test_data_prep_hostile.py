@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from data_prep.extract import check_free_space, human_size, problem
 from data_prep.generate import add_bytes, generate
 from data_prep.layout import TRAIN_TAR

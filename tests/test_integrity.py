@@ -5,7 +5,6 @@ wandb in offline mode."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
