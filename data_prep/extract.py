@@ -151,11 +151,13 @@ def _files(archive, unit: Unit):
 
 
 def human_size(num_bytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1000 or unit == "GB":
-            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes:.0f} B"
+    if num_bytes < 1000:
+        return f"{num_bytes:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         num_bytes /= 1000
-    raise AssertionError("unreachable")
+        if num_bytes < 1000 or unit == "GB":
+            break
+    return f"{num_bytes:.1f} {unit}"
 
 
 def extract_unit(archive_path: Path, unit: Unit, dest: Path) -> dict:

@@ -49,7 +49,7 @@ def _not_a_folder(key: str, value: str) -> None:
     _require(key, value, not value or not Path(value).is_dir(), "is a folder; expected a file")
 
 
-def _not_a_file(key: str, value: str) -> None:
+def _folder_or_absent(key: str, value: str) -> None:
     _require(key, value, bool(value), "must not be empty")
     _require(key, value, not Path(value).exists() or Path(value).is_dir(), "exists and is not a folder")
 
@@ -87,7 +87,7 @@ class DataConfig:
     crop_padding: int = 4  # CIFAR/MNIST augmentation: zero-pad then random crop (He et al. 2016)
 
     def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, ("cifar10", "cifar100", "mnist", "fashion_mnist", "imagenet", "folder"))
+        _choice("data.dataset", self.dataset, (*DEVICE_DATASETS, "imagenet", "folder"))
         _choice("data.loader", self.loader, ("auto", "device", "torchvision", "dali"))
         _require("data.root", self.root, bool(self.root), "must not be empty")
         _number("data.batch_size", self.batch_size, 1)
@@ -163,7 +163,7 @@ class RunConfig:
     on_world_size_change: str = "keep_global_batch"
 
     def __post_init__(self) -> None:
-        _not_a_file("run.out_dir", self.out_dir)
+        _folder_or_absent("run.out_dir", self.out_dir)
         _number("run.seed", self.seed, 0, 2**31 - 1)
         _choice("run.device", self.device, ("auto", "cuda", "cpu"))
         _choice("run.precision", self.precision, ("auto", "bf16", "fp32"))

@@ -358,7 +358,8 @@ class ImageFileDataset(Dataset):
         try:
             image, error = read_image(self.folder / path), ""
         except (RuntimeError, OSError) as err:
-            image, error = torch.zeros(3, 1, 1, dtype=torch.uint8), str(unreadable_image(self.folder / path, decode_error_text(err)))
+            error = str(unreadable_image(self.folder / path, decode_error_text(err)))
+            image = torch.zeros(3, 1, 1, dtype=torch.uint8)
         return self.transform(image), label, error
 
 

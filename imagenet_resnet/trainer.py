@@ -170,35 +170,36 @@ class Trainer:
 
     def _find_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
         """The checkpoint to continue from (rank 0 chooses, so all load the same file), or none."""
-        path = self._checkpoint_path() if self.dist.is_main else None
+        state, path = self._choose_checkpoint() if self.dist.is_main else (None, None)
         path = broadcast_object(path)
         if path is None:
             return None, None
-        state = load_file(path)
+        if state is None:  # ranks other than 0
+            state = load_file(path)
         self._check_compatible(state, path)
         return state, path
 
-    def _checkpoint_path(self) -> Path | None:
+    def _choose_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
         """out_dir's own newest checkpoint; run.resume only seeds a folder that has none, so a
         restarted or requeued command continues its own progress instead of going back to it."""
         resume = self.cfg.run.resume
         try:
-            own = load_latest(self.out_dir)[1]
+            state, own = load_latest(self.out_dir)
         except UserError as err:
             if not resume:
                 raise UserError(f"{err}. Nothing was changed. {self._how_to_continue()}") from err
-            own = None
+            state, own = None, None
             print(f"warning: continuing from run.resume={resume} instead", file=sys.stderr, flush=True)
         if own is not None:
             if resume:
                 print(f"run.resume={resume} not used: {self.out_dir} has its own newer checkpoint {own}", flush=True)
-            return own
+            return state, own
         if resume:
-            return Path(resume)
+            return load_file(Path(resume)), Path(resume)
         if (self.out_dir / BEST).exists() or read_metrics(self.out_dir):
             raise UserError(f"{self.out_dir}: holds a run (metrics.jsonl or best.pt) but no {LAST} to continue "
                             f"it from. Nothing was changed. {self._how_to_continue()}")
-        return None
+        return None, None
 
     def _how_to_continue(self) -> str:
         best = self.out_dir / BEST
