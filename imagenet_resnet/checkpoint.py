@@ -1,18 +1,28 @@
 """Checkpoints that survive a kill at any moment, and the state that makes resume exact.
 
 `save_atomic` writes a temporary file, fsyncs it, moves the old file aside as `<name>.prev`
-and renames the new one into place: at every instant one complete checkpoint exists.
+and renames the new one into place: at every instant one complete checkpoint exists, and a
+write that fails (disk full, folder gone) leaves the previous one as it was.
 `load_latest` takes the newest readable one, warns when it had to fall back, and refuses
 (rather than start over) when there are checkpoints but none can be read.
+
+Every load is `torch.load(weights_only=True)`: a checkpoint holds tensors and plain Python
+values only (RNG states included), so a file that would run code when unpickled is refused.
+Checkpoints written before that rule (NumPy RNG state inside) are converted once, by a user
+who trusts them:
 
     save_atomic(state, out_dir / "last.pt")
     state, path = load_latest(out_dir)          # (None, None) when nothing was saved yet
     restore_rng(state["rng"][rank])
+    python -m imagenet_resnet.checkpoint upgrade runs/x/last.pt   # an older checkpoint, in place
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import os
+import pickle
 import random
 import sys
 from pathlib import Path
@@ -21,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from imagenet_resnet.cli import run_main
 from imagenet_resnet.errors import UserError
 
 LAST = "last.pt"
@@ -36,16 +47,28 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file, fsync, keep the previous file as .prev, rename into place."""
+    """Write to a temporary file, fsync, keep the previous file as .prev, rename into place.
+
+    A failed write removes the temporary file and raises UserError naming the folder and the
+    cause; `path` is then still the previous, complete checkpoint.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if path.exists():
-        os.replace(path, path.with_name(path.name + ".prev"))
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    data = io.BytesIO()
+    torch.save(state, data)  # in memory first: a failed write then raises OSError with its cause
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, path.with_name(path.name + ".prev"))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        cause = err.strerror or str(err)
+        kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+        raise UserError(f"{path.parent}: could not write checkpoint {path.name} ({cause}); {kept}") from err
 
 
 # What a resume reads; a file without them is not one of this project's checkpoints.
@@ -53,14 +76,35 @@ REQUIRED_KEYS = ("model", "optimizer", "position", "train_sums", "best_top1", "r
                  "num_classes", "world_size", "global_batch")
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    """A checkpoint file; UserError naming it if it is missing, truncated or not ours."""
+def safe_load(path: Path, what: str = "checkpoint") -> Any:
+    """torch.load with weights_only=True; UserError naming the file if it is missing, unreadable,
+    or would need code from the pickle to load."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as err:
-        raise UserError(f"{path}: checkpoint not found") from err
-    except Exception as err:  # truncated zip, pickle garbage, ...: all mean "unusable"
-        raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+        raise UserError(f"{path}: {what} not found") from err
+    except pickle.UnpicklingError as err:
+        raise UserError(_refusal(path, what)) from err
+    except Exception as err:  # truncated zip, garbage, ...: all mean "unusable"
+        raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+
+
+def _refusal(path: Path, what: str) -> str:
+    """Why a pickle was refused, and the way on for this project's older checkpoints."""
+    try:
+        needs = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not even a zip: an old-style or broken pickle
+        needs = []
+    text = f"{path}: refused to load this {what}: unpickling it would call {', '.join(needs) or 'code it names'}"
+    if needs and all(name.startswith("numpy.") for name in needs):
+        return (f"{text}. It looks like a checkpoint from an older imagenet_resnet (NumPy RNG state); if you trust "
+                f"it, convert it once: python -m imagenet_resnet.checkpoint upgrade {path}")
+    return f"{text}, and only tensors and plain values are loaded (weights_only=True); nothing from it was run"
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """A checkpoint file; UserError naming it if it is missing, truncated, unsafe or not ours."""
+    state = safe_load(path)
     missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else ["all"]
     if missing:
         raise UserError(f"{path}: not a checkpoint written by imagenet_resnet training (missing: {', '.join(missing)})")
@@ -86,17 +130,26 @@ def load_latest(out_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
 
 
 def capture_rng() -> dict[str, Any]:
+    """Every generator's state as tensors and plain values (what weights_only loading accepts)."""
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
 
 
+def _numpy_state(state: tuple) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
 def restore_rng(rng: dict[str, Any]) -> None:
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    state = rng["numpy"]
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["cached_gaussian"]))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -106,3 +159,42 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under DDP and torch.compile wrappers (their state_dict keys differ)."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
+
+
+def upgrade(path: Path) -> None:
+    """Rewrite a checkpoint of an older imagenet_resnet (NumPy arrays in its RNG states) so that
+    weights-only loading accepts it. Loads it with weights_only=False: only for files you trust."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or not isinstance(state.get("rng"), list):
+        raise UserError(f"{path}: not a checkpoint written by imagenet_resnet training; nothing to upgrade")
+    old = [rng for rng in state["rng"] if isinstance(rng["numpy"], tuple)]
+    if not old:
+        print(f"{path}: already loads with weights_only=True; left as it is", flush=True)
+        return
+    for rng in old:
+        rng["numpy"] = _numpy_state(rng["numpy"])
+    kept = path.with_name(path.name + ".orig")
+    os.replace(path, kept)
+    try:
+        save_atomic(state, path)
+    except UserError:
+        os.replace(kept, path)
+        raise
+    load_file(path)  # proves it now loads the safe way
+    print(f"upgraded {path} (the original is kept as {kept})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Convert an older checkpoint so it loads with weights_only=True.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upgrade", help="rewrite FILE in place (only for checkpoints you trust)")
+    up.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    args = p.parse_args(argv)
+    for path in args.files:
+        if not path.is_file():
+            raise UserError(f"{path}: checkpoint not found")
+        upgrade(path)
+
+
+if __name__ == "__main__":
+    run_main(main)

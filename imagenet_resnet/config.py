@@ -161,6 +161,9 @@ class RunConfig:
     # so the global batch and schedule stay as they were; scale_lr keeps the per-process batch and
     # rescales lr by the linear rule.
     on_world_size_change: str = "keep_global_batch"
+    # One job per out_dir: a job that died frees the folder after this long without a heartbeat
+    # (at once on its own host, where a dead PID is recognised).
+    lease_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         _folder_or_absent("run.out_dir", self.out_dir)
@@ -172,6 +175,7 @@ class RunConfig:
         _not_a_folder("run.resume", self.resume)
         _number("run.checkpoint_every_steps", self.checkpoint_every_steps, 0)
         _number("run.log_every_steps", self.log_every_steps, 1)
+        _number("run.lease_timeout_s", self.lease_timeout_s, 1, 3600)
 
 
 @dataclass

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
 from imagenet_resnet.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,23 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def main_only(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 alone; its result there, None elsewhere. A UserError on rank 0 stops
+    every rank: rank 0 raises it (one message), the others exit with status 2 quietly rather than
+    wait in a collective rank 0 will never join."""
+    result, error = None, None
+    if not torch_dist.is_initialized() or torch_dist.get_rank() == 0:
+        try:
+            result = fn()
+        except UserError as err:
+            error = err
+    if broadcast_object(error is not None):
+        if error is not None:
+            raise error
+        raise SystemExit(2)
+    return result
 
 
 def barrier() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imagenet_resnet.checkpoint import safe_load
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.models import stages
 
@@ -24,19 +25,23 @@ HEAD = "fc."
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .pt/.pth file (our checkpoint, a plain or wrapped state_dict) or .safetensors."""
+    """Tensors from a .pt/.pth file (our checkpoint, a plain or wrapped state_dict) or .safetensors.
+
+    .pt files load with weights_only=True, as torchvision and timm load theirs: a downloaded file
+    whose pickle would run code is refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config key model.init_from={path}: file not found (nothing is downloaded)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # unreadable in any of its ways: name the file
-        raise UserError(f"{path}: not a readable weights file ({type(err).__name__}: {err})") from err
+        except Exception as err:  # unreadable in any of its ways: name the file
+            raise UserError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    else:
+        state = safe_load(path, "weights file")
     for key in ("model", "state_dict"):  # our checkpoints; timm/lightning-style wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -30,13 +30,14 @@ from imagenet_resnet.distributed import (
     all_gather_objects,
     all_reduce_sum,
     average_buffers,
-    barrier,
     broadcast_object,
     init_distributed,
+    main_only,
     shutdown,
 )
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.finetune import apply_freeze, load_pretrained
+from imagenet_resnet.lease import Lease, hold_lease
 from imagenet_resnet.metrics import RunLog, read_metrics, topk_correct
 from imagenet_resnet.models import build_model
 from imagenet_resnet.optim import Schedule, build_optimizer, scaled_lr, set_lr
@@ -102,8 +103,8 @@ class StopRequested(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist: DistInfo) -> None:
-        self.cfg, self.dist = cfg, dist
+    def __init__(self, cfg: Config, dist: DistInfo, lease: Lease | None = None) -> None:
+        self.cfg, self.dist, self.lease = cfg, dist, lease  # lease: rank 0's hold on out_dir
         self.out_dir = Path(cfg.run.out_dir)
         self.bf16 = use_bf16(cfg, dist.device)
         torch.manual_seed(cfg.run.seed + dist.rank)
@@ -170,7 +171,7 @@ class Trainer:
 
     def _find_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
         """The checkpoint to continue from (rank 0 chooses, so all load the same file), or none."""
-        state, path = self._choose_checkpoint() if self.dist.is_main else (None, None)
+        state, path = main_only(self._choose_checkpoint) or (None, None)
         path = broadcast_object(path)
         if path is None:
             return None, None
@@ -203,8 +204,8 @@ class Trainer:
 
     def _how_to_continue(self) -> str:
         best = self.out_dir / BEST
-        return ((f"To continue from {best}, add run.resume={best}; " if best.exists() else "")
-                + "to start over, use a new run.out_dir (or move this folder away).")
+        start_over = "use a new run.out_dir (or move this folder away) to start over."
+        return f"To continue from {best}, add run.resume={best}; or {start_over}" if best.exists() else start_over.capitalize()
 
     def _accumulation_steps(self, state: dict[str, Any] | None) -> int:
         """optim.accumulation_steps, or what keeps a resumed run's global batch on a new world size."""
@@ -268,7 +269,10 @@ class Trainer:
         rng = all_gather_objects(capture_rng())
         sums = all_gather_objects(self.train_sums.cpu())
         loader = all_gather_objects(self.train_loader.state())
-        if self.dist.is_main:
+
+        def write() -> None:
+            if self.lease:
+                self.lease.check()
             state = {
                 "model": unwrap(self.net).state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -285,7 +289,8 @@ class Trainer:
             save_atomic(state, self.out_dir / LAST)
             if best:
                 save_atomic(state, self.out_dir / BEST)
-        barrier()
+
+        main_only(write)  # a failed write stops every rank, with one message
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -306,8 +311,7 @@ class Trainer:
                 records.append(record)
                 is_best = val_stats["val_top1"] > self.best_top1
                 self.best_top1 = max(self.best_top1, val_stats["val_top1"])
-                if self.log:
-                    self.log.epoch(self.position.global_step, record)
+                main_only(lambda: self._record(record))
                 self.position = Position(epoch + 1, 0, self.position.global_step)
                 self.train_sums = self._zero_sums()
                 self.save(best=is_best)
@@ -320,6 +324,13 @@ class Trainer:
             if self.log:
                 self.log.close()
         return records
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Rank 0: the epoch's line in metrics.jsonl and wandb, if the run folder is still this job's."""
+        if self.lease:
+            self.lease.check()
+        if self.log:
+            self.log.epoch(self.position.global_step, record)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -413,6 +424,8 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     """Train to cfg.schedule.epochs (continuing a previous run in cfg.run.out_dir); per-epoch records."""
     dist = init_distributed(cfg.run.device)
     try:
-        return Trainer(cfg, dist).fit()
+        with contextlib.ExitStack() as held:
+            lease = main_only(lambda: held.enter_context(hold_lease(Path(cfg.run.out_dir), cfg.run.lease_timeout_s)))
+            return Trainer(cfg, dist, lease).fit()
     finally:
         shutdown()

@@ -109,6 +109,7 @@ BAD_VALUES = {
     "run.resume": ["{folder}"],
     "run.checkpoint_every_steps": ["-1"],
     "run.log_every_steps": ["0"],
+    "run.lease_timeout_s": ["0.5", "inf"],
     "run.on_world_size_change": ["guess"],
     "wandb.mode": ["cloud"],
     "wandb.project": ["''"],

@@ -123,7 +123,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(cifar_root, tm
     assert "stopped by SIGTERM at epoch 1" in output, output[-3000:]
     if nproc == 1:
         assert proc.returncode == 0
-    state = torch.load(out / "last.pt", weights_only=False)
+    state = torch.load(out / "last.pt", weights_only=True)
     assert state["position"]["epoch"] == 1 and state["position"]["step_in_epoch"] > 0
     finish(start(train_cmd(nproc, cifar_root, out)))
     assert exact(read_metrics(out)) == expected
@@ -143,7 +143,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(cifar_root, tmp_pa
 def test_explicit_resume_path_into_a_new_folder(cifar_root, tmp_path, reference1):
     first = tmp_path / "first"
     kill_when(start(train_cmd(1, cifar_root, first)), "epoch 1 step 4/")
-    epoch = torch.load(first / "last.pt", weights_only=False)["position"]["epoch"]
+    epoch = torch.load(first / "last.pt", weights_only=True)["position"]["epoch"]
     second = tmp_path / "second"
     output = finish(start(train_cmd(1, cifar_root, second, f"run.resume={first / 'last.pt'}")))
     assert f"resumed from {first / 'last.pt'}: epoch {epoch}" in output
@@ -200,7 +200,7 @@ def test_slurm_script_checkpoints_and_requeues_on_the_time_limit_signal(cifar_ro
     assert job.returncode == 0, output[-3000:]
     assert "checkpointing and requeueing job 4242" in output and "stopped by SIGTERM at epoch 0" in output
     assert "requeue 4242" in calls.read_text()
-    assert torch.load(out / "last.pt", weights_only=False)["position"]["step_in_epoch"] > 0
+    assert torch.load(out / "last.pt", weights_only=True)["position"]["step_in_epoch"] > 0
 
 
 def test_dali_run_stopped_mid_epoch_continues_with_the_same_crops(imagenet_root, tmp_path):
@@ -217,7 +217,7 @@ def test_dali_run_stopped_mid_epoch_continues_with_the_same_crops(imagenet_root,
     wait_for(proc, "epoch 1 step 3/")
     proc.send_signal(signal.SIGTERM)
     assert "stopped by SIGTERM at epoch 1" in proc.communicate(timeout=300)[0]
-    state = torch.load(out / "last.pt", weights_only=False)
+    state = torch.load(out / "last.pt", weights_only=True)
     assert state["loader"][0]["epoch"] == 1 and state["loader"][0]["done"] == state["position"]["step_in_epoch"] > 0
     finish(start(cmd(out)))
     assert exact(read_metrics(out)) == exact(read_metrics(tmp_path / "reference"))

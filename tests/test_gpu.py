@@ -46,7 +46,7 @@ def test_cifar_resnet_compiled_trains_saves_and_resumes(cifar_root, tmp_path, mo
     args = ["configs/cifar10_resnet20.yaml", out, f"data.root={cifar_root}", "run.compile=true",
             f"run.compile_mode={mode}"]
     _, first = train(*args, "schedule.epochs=3")
-    state = torch.load(out / "last.pt", weights_only=False, map_location="cpu")
+    state = torch.load(out / "last.pt", weights_only=True, map_location="cpu")
     assert not any("_orig_mod" in key for key in state["model"])  # loadable without torch.compile
     output, records = train(*args, "schedule.epochs=4")
     assert "resumed from" in output and [r["epoch"] for r in records] == [0, 1, 2, 3]

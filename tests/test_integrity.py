@@ -135,7 +135,7 @@ def test_a_bad_image_names_the_file_and_the_fixed_run_continues_exactly(loader, 
     (root / "train" / name).write_bytes(good[:40] + b"\x00" * 100)  # torn and overwritten: garbage
     out = tmp_path / "run"
     line = one_error_line(run(out, check=False), str(root / "train" / name), "unreadable image", "VERIFY=decode")
-    saved = torch.load(out / "last.pt", weights_only=False)["position"] if (out / "last.pt").exists() else None
+    saved = torch.load(out / "last.pt", weights_only=True)["position"] if (out / "last.pt").exists() else None
     (root / "train" / name).write_bytes(good)  # the user replaces the file, runs the same command
     proc = run(out)
     if saved:

@@ -41,7 +41,7 @@ def test_run_folder_holds_config_metrics_and_checkpoints(trained):
         assert key in record
     assert record["val_images"] == 110
     assert "cifar_resnet20" in (out / "config.yaml").read_text()
-    state = torch.load(out / "last.pt", weights_only=False)
+    state = torch.load(out / "last.pt", weights_only=True)
     assert state["position"] == {"epoch": 4, "step_in_epoch": 0, "global_step": 4 * 18}
     assert (out / "best.pt").exists()
     assert "lr 0.1 = base_lr 0.8 x 32/256" in proc.stdout  # the linear rule, printed at start

@@ -1,0 +1,205 @@
+"""One training job per run folder: rank 0 holds `<run.out_dir>/lease.json`, renewed by a heartbeat.
+
+A second job on the same folder (a double submission, a requeued Slurm job whose previous
+allocation still runs) stops before touching anything, naming the holder. A holder that died
+(SIGKILL, a lost node) stops renewing, and the next job takes over once the heartbeat has
+not moved for `timeout_s`. That is judged by watching the file, not by comparing clocks, so
+it holds on a filesystem shared by nodes whose clocks differ. On the holder's own host (same
+hostname and PID namespace) a process that is gone is recognised at once: a restart under
+torchrun or after a kill continues without waiting.
+
+    with hold_lease(Path("runs/x"), timeout_s=60) as lease:   # UserError if a live job holds it
+        ...
+        lease.check()          # before writing a checkpoint: is the folder still ours?
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterator
+
+from imagenet_resnet.errors import UserError
+
+LEASE = "lease.json"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def _process_gone(pid: int) -> bool:
+    """True if no process `pid` runs on this host (a zombie, killed but not yet reaped, is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def describe(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "a job whose lease file cannot be read"
+    job = f", Slurm job {holder['job']}" if holder.get("job") else ""
+    return f"host {holder.get('host')} PID {holder.get('pid')}{job}, since {holder.get('since')}"
+
+
+class Lease:
+    """The held lease: a daemon thread rewrites the file every timeout_s / 4 (atomically)."""
+
+    def __init__(self, path: Path, timeout_s: float, created_folder: bool) -> None:
+        self.path, self.timeout_s, self.created_folder = path, timeout_s, created_folder
+        self.record = {
+            "token": uuid.uuid4().hex, "host": socket.gethostname(), "pid_namespace": _pid_namespace(),
+            "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", ""),
+            "since": datetime.now().astimezone().isoformat(timespec="seconds"), "beat": 0,
+        }
+        self.renewed = time.monotonic()  # last successful heartbeat
+        self.renew_error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="run-folder-lease", daemon=True)
+
+    # --- the file ---------------------------------------------------------------------------
+
+    def _read(self) -> tuple[str | None, dict[str, Any] | None]:
+        """(raw text or None if absent, parsed record or None if unreadable)."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None, None
+        try:
+            return text, json.loads(text)
+        except ValueError:
+            return text, None
+
+    def _write_tmp(self) -> Path:
+        tmp = self.path.with_name(f".{LEASE}.{self.record['token']}.tmp")
+        tmp.write_text(json.dumps(self.record))
+        return tmp
+
+    def _create(self) -> bool:
+        """Create the lease file with our record, complete, if none exists (link is atomic, also on NFS)."""
+        tmp = self._write_tmp()
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _replace(self) -> None:
+        os.replace(self._write_tmp(), self.path)
+
+    # --- taking and keeping it --------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the lease, waiting out a stale one; UserError naming a live holder."""
+        while not self._create():
+            text, holder = self._read()
+            if text is None:
+                continue  # released meanwhile
+            same_host = holder is not None and (holder.get("host"), holder.get("pid_namespace")) == (
+                self.record["host"], self.record["pid_namespace"])
+            if same_host and _process_gone(int(holder.get("pid", -1))):
+                reason = f"its process {holder.get('pid')} is gone"
+            else:
+                now = self._changed_within(text)
+                if now is not None:
+                    if now[0] is None:
+                        continue  # released meanwhile
+                    raise UserError(
+                        f"{self.path.parent}: run folder in use by {describe(now[1])} (its lease {self.path} "
+                        f"is renewed). Nothing was changed. Wait for that job to end or stop it, or use another "
+                        f"run.out_dir; a job that died frees the folder {self.timeout_s:g} s after its last heartbeat")
+                reason = f"no heartbeat for {self.timeout_s:g} s"
+            if self._read()[0] != text:
+                continue  # someone else moved first: look again
+            self._replace()
+            print(f"run folder lease: taken over from {describe(holder)} ({reason})", file=sys.stderr, flush=True)
+            break
+        self.renewed = time.monotonic()
+        self._thread.start()
+
+    def _changed_within(self, text: str) -> tuple[str | None, dict[str, Any] | None] | None:
+        """Watch the file for timeout_s: its new (text, record) as soon as it changes, None if it does not."""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.timeout_s / 20))
+            now = self._read()
+            if now[0] != text:
+                return now
+        return None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.timeout_s / 4):
+            try:
+                _, holder = self._read()
+                if holder is None or holder.get("token") != self.record["token"]:
+                    return  # not ours any more: check() says so
+                self.record["beat"] += 1
+                self._replace()
+                self.renewed = time.monotonic()
+            except OSError as err:  # folder gone, disk full: keep trying; check() reports a long failure
+                self.renew_error = err.strerror or str(err)
+
+    def check(self) -> None:
+        """UserError if the lease may no longer be this job's: another job must not find our writes."""
+        _, holder = self._read()
+        if holder is None or holder.get("token") != self.record["token"]:
+            lost = f"taken by {describe(holder)}" if holder else f"{self.path} was removed"
+        elif time.monotonic() - self.renewed > self.timeout_s:
+            lost = f"not renewed for {self.timeout_s:g} s: {self.renew_error}"
+        else:
+            return
+        raise UserError(f"{self.path.parent}: this job no longer holds the run folder ({lost}); stopped "
+                        f"without writing, so the folder keeps what the job holding it writes")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        _, holder = self._read()
+        if holder is not None and holder.get("token") == self.record["token"]:
+            self.path.unlink(missing_ok=True)
+        if self.created_folder:
+            with contextlib.suppress(OSError):  # only if nothing else was written there
+                self.path.parent.rmdir()
+
+
+@contextlib.contextmanager
+def hold_lease(folder: Path, timeout_s: float) -> Iterator[Lease]:
+    """Hold `folder`'s lease for the duration of the block (created if absent; left empty removed)."""
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"config key run.out_dir={str(folder)!r}: cannot create the folder ({err.strerror})") from err
+    lease = Lease(folder / LEASE, timeout_s, created)
+    try:
+        lease.acquire()
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    try:
+        yield lease
+    finally:
+        lease.release()
