@@ -21,7 +21,7 @@ COPY launch ./launch
 
 # Pin the image's own torch and torchvision so pip keeps them instead of fetching others.
 RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" > /tmp/keep.txt \
-    && pip install --constraint /tmp/keep.txt -e . \
+    && pip install --constraint /tmp/keep.txt -e '.[export]' \
     && python -c "import imagenet_resnet.train, nvidia.dali" \
     && touch /usr/.installed
 

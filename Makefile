@@ -17,7 +17,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install -q -e '.[dali,dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q -e '.[dali,export,dev]' 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -c "import torch, torchvision, timm, wandb, nvidia.dali" 
 	@touch $(STAMP)
 

@@ -141,6 +141,9 @@ def cifar_images(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.
     return np.clip(images, 0, 255).astype(np.uint8)
 
 
+CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
 def generate_cifar(root: Path, dataset: str = "cifar10", train_per_class: int = 50, val_per_class: int = 10,
                seed: int = 0) -> Path:
     """Write cifar-10-batches-py/ (5 data batches + test_batch) or cifar-100-python/ (train, test)."""
@@ -164,9 +167,14 @@ def generate_cifar(root: Path, dataset: str = "cifar10", train_per_class: int = 
         for i, part in enumerate(np.array_split(np.arange(len(train_y)), 5)):
             dump(f"data_batch_{i + 1}", train_x[part], [train_y[j] for j in part])
         dump("test_batch", val_x, val_y)
+        meta = ("batches.meta", {"label_names": list(CIFAR10_NAMES), "num_cases_per_batch": len(train_y) // 5})
     else:
         dump("train", train_x, train_y)
         dump("test", val_x, val_y)
+        meta = ("meta", {"fine_label_names": [f"fine_{i}" for i in range(classes)],
+                         "coarse_label_names": [f"coarse_{i}" for i in range(20)]})
+    with open(folder / meta[0], "wb") as f:  # the class names, as the release has them
+        pickle.dump(meta[1], f, protocol=2)
     return Path(root)
 
 

@@ -249,6 +249,17 @@ def _merge(base: Any, extra: Any, where: str) -> Any:
         raise UserError(where + _omegaconf_message(err)) from err
 
 
+def config_from_dict(saved: dict[str, Any], where: str) -> Config:
+    """A config saved in a checkpoint, with today's defaults for keys added since."""
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(saved), f"{where}: ")
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{where}: {_omegaconf_message(err)}") from err
+    except UserError as err:
+        raise UserError(f"{where}: saved {err}") from err
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

@@ -39,6 +39,10 @@ VAL_CROP_FRACTION = 0.875  # val: resize shorter side to size / 0.875, centre cr
 CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
+FASHION_MNIST_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot")
+
+
 @dataclass(frozen=True)
 class SmallDataset:
     """A dataset that fits on the device: normalisation, whether flips are label-preserving, shape."""
@@ -48,14 +52,17 @@ class SmallDataset:
     flip: bool
     channels: int
     classes: int
+    size: int  # images are size x size
 
 
 SMALL_DATASETS = {
-    "cifar10": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3, classes=10),
-    "cifar100": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3, classes=100),
-    "mnist": SmallDataset((0.1307,), (0.3081,), flip=False, channels=1, classes=10),  # a flipped digit is another glyph
-    "fashion_mnist": SmallDataset((0.2860,), (0.3530,), flip=False, channels=1, classes=10),
+    "cifar10": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3, classes=10, size=32),
+    "cifar100": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3, classes=100, size=32),
+    # a flipped digit is another glyph
+    "mnist": SmallDataset((0.1307,), (0.3081,), flip=False, channels=1, classes=10, size=28),
+    "fashion_mnist": SmallDataset((0.2860,), (0.3530,), flip=False, channels=1, classes=10, size=28),
 }
+CIFAR_META = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IDX_SUBDIRS = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw"}  # where torchvision keeps them
@@ -167,6 +174,46 @@ def read_cifar(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tens
                 raise UserError(f"{folder / name}: not a {dataset} batch file ({err!r})") from err
         out += [torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)]
     return out[0], out[1], out[2], out[3]
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Human names of the classes, by label: the dataset's own (CIFAR meta, synsets.txt words,
+    folder names), or the label numbers where the data does not name them."""
+    dataset, root = cfg.data.dataset, Path(cfg.data.root)
+    if dataset == "mnist":
+        return [str(i) for i in range(10)]
+    if dataset == "fashion_mnist":
+        return list(FASHION_MNIST_NAMES)
+    if dataset in CIFAR_META:
+        name, key = CIFAR_META[dataset]
+        try:
+            with open(root / CIFAR_FOLDERS[dataset] / name, "rb") as f:
+                return [str(n) for n in pickle.load(f, encoding="latin1")[key]]
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+            return [str(i) for i in range(SMALL_DATASETS[dataset].classes)]
+    if dataset == "imagenet":
+        lines = re.findall(r"^\d+ (n\d{8})(?: (.*))?$", (root / "synsets.txt").read_text(), re.MULTILINE)
+        return [words.strip() or wnid for wnid, words in lines]
+    from torchvision.datasets.folder import find_classes
+
+    return find_classes(str(root / "train"))[0]
+
+
+def val_transform(cfg: Config):
+    """The evaluation resize and centre crop (torchvision v2, uint8 CHW in and out), for any
+    image: the torchvision val loader and `predict` use this one."""
+    from torchvision.transforms import v2
+
+    if cfg.data.dataset in SMALL_DATASETS:
+        size = SMALL_DATASETS[cfg.data.dataset].size
+        return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    size = cfg.data.image_size
+    return v2.Compose([v2.Resize(round(size / VAL_CROP_FRACTION), antialias=True), v2.CenterCrop(size)])
+
+
+def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    spec = SMALL_DATASETS.get(dataset)
+    return (spec.mean, spec.std) if spec else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -393,7 +440,7 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
     train_tf = v2.Compose(
         [v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True), v2.RandomHorizontalFlip()]
     )
-    val_tf = v2.Compose([v2.Resize(round(size / VAL_CROP_FRACTION), antialias=True), v2.CenterCrop(size)])
+    val_tf = val_transform(cfg)
     pin = dist.device.type == "cuda"
     workers = cfg.data.workers
 
@@ -457,7 +504,7 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
         samples, num_classes = read_file_lists(root)
     else:
         samples, num_classes = scan_folders(root)
-    normalize = Normalizer.create(IMAGENET_MEAN, IMAGENET_STD, dist.device, input_dtype, channels_last)
+    normalize = Normalizer.create(*normalization(dataset), dist.device, input_dtype, channels_last)
     if kind == "dali":
         from imagenet_resnet.dali import build_dali_loaders
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from imagenet_resnet.checkpoint import BEST, LAST, capture_rng, load_file, load_latest, restore_rng, save_atomic, unwrap
 from imagenet_resnet.config import Config, config_to_dict, save_config
-from imagenet_resnet.data import Loader, build_loaders, input_channels
+from imagenet_resnet.data import Loader, build_loaders, class_names, input_channels
 from imagenet_resnet.distributed import (
     DistInfo,
     all_gather_objects,
@@ -283,6 +283,7 @@ class Trainer:
                 "loader": loader,
                 "config": config_to_dict(self.cfg),
                 "num_classes": self.num_classes,
+                "class_names": class_names(self.cfg),  # for predict and export; not needed to resume
                 "world_size": self.dist.world_size,
                 "global_batch": self.global_batch,
             }

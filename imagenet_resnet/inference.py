@@ -1,0 +1,78 @@
+"""A trained model ready to use outside training: network, config, class names, preprocessing.
+
+`predict` and `export` build on this: the network is rebuilt from the config saved in the
+checkpoint, the weights (or their EMA) are loaded strictly, and images go through the very
+resize, crop and normalisation that evaluation uses.
+
+    trained = load_trained(Path("runs/x/best.pt"))          # weights="ema": the averaged weights
+    batch = trained.preprocess([read_image(path, trained.channels) for path in paths])
+    probabilities = trained.net(batch).softmax(dim=1)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from imagenet_resnet.checkpoint import load_file
+from imagenet_resnet.config import Config, config_from_dict
+from imagenet_resnet.data import class_names, input_channels, normalization, val_transform
+from imagenet_resnet.errors import UserError
+from imagenet_resnet.models import build_model
+
+WEIGHTS = {"model": "model", "ema": "model_ema"}  # --weights choice -> checkpoint key
+
+
+@dataclass
+class Trained:
+    net: nn.Module  # in eval mode, on the CPU until moved
+    cfg: Config
+    names: list[str]  # class names by label
+    weights: str  # "model" or "ema"
+    transform: Callable[[torch.Tensor], torch.Tensor]  # uint8 CHW image -> uint8 CHW crop
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    @property
+    def size(self) -> int:
+        """Side of the square input that evaluation feeds the network."""
+        return self.transform(torch.zeros(self.channels, 64, 64, dtype=torch.uint8)).shape[-1]
+
+    def preprocess(self, images: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Decoded uint8 CHW images of any size -> one normalised float batch on `device`."""
+        batch = torch.stack([self.transform(image) for image in images]).to(device).float()
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255
+        return (batch - mean) / std
+
+
+def load_trained(path: Path, weights: str = "model") -> Trained:
+    """The network of a checkpoint written by training, with its model or EMA weights."""
+    state = load_file(path)
+    if WEIGHTS[weights] not in state:
+        raise UserError(f"{path}: holds no EMA weights (trained with model.ema_decay=0); use --weights model")
+    cfg = config_from_dict(state["config"], str(path))
+    num_classes = state["num_classes"]
+    net = build_model(cfg.model.name, num_classes, in_chans=input_channels(cfg.data.dataset))
+    try:
+        net.load_state_dict(state[WEIGHTS[weights]])
+    except RuntimeError as err:
+        raise UserError(f"{path}: its weights do not fit {cfg.model.name} with {num_classes} classes "
+                        f"({str(err).splitlines()[0]})") from err
+    names = state.get("class_names") or []
+    if len(names) != num_classes:  # a checkpoint from before names were saved: ask the data, if still there
+        try:
+            names = class_names(cfg)
+        except (OSError, UserError):
+            names = []
+    if len(names) != num_classes:
+        names = [str(label) for label in range(num_classes)]
+    return Trained(net.eval(), cfg, names, weights, val_transform(cfg), *normalization(cfg.data.dataset))
