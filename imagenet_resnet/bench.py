@@ -1,4 +1,4 @@
-"""Benchmarks behind docs/BENCHMARKS.md: model step, loaders, end to end, CIFAR epoch, data_prep.
+"""Benchmarks behind docs/BENCHMARKS.md: model step, loaders, end to end, recipes, CIFAR epoch, data_prep.
 
     python -m imagenet_resnet.bench --out bench                  # all this machine can run
     python -m imagenet_resnet.bench --out bench --only model,prep --quick
@@ -39,8 +39,8 @@ from imagenet_resnet.models import build_model, list_models
 from imagenet_resnet.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("model", "loader", "e2e", "cifar", "prep")
-TABLES = ("model", "profile", "loader", "e2e", "cifar", "prep")  # profile: written by the model section
+SECTIONS = ("model", "loader", "e2e", "recipes", "cifar", "prep")
+TABLES = ("model", "profile", "loader", "e2e", "recipes", "cifar", "prep")  # profile: written by the model section
 
 
 @dataclass
@@ -313,6 +313,37 @@ def bench_e2e(device: torch.device, quick: bool, work: Path) -> list[Record]:
     return records
 
 
+# What each recipe's extras cost (RandAugment, Mixup/CutMix, EMA, TTA, LAMB/LARS, BlurPool), at the
+# recipe's own settings but sizes a CPU finishes: the resize ramp is moved into the 2 epochs run.
+RECIPES = {
+    "imagenet_resnet50.yaml": [],
+    "imagenet_resnet50_ffcv_16.yaml": ["data.resize_ramp_epochs=[0,1]"],
+    "imagenet_resnet50_rsb_a3.yaml": [],
+    "imagenet_resnet50_lars.yaml": [],
+}
+
+
+def bench_recipes(device: torch.device, quick: bool, work: Path) -> list[Record]:
+    cuda = device.type == "cuda"
+    root, dataset = jpeg_folder(work, cuda, quick)
+    model, size, batch = ("resnet50", 224, 256) if cuda else ("resnet18", 128, 32)
+    records = []
+    for config, extra in RECIPES.items():
+        sizes = [f"data.image_size={size}", f"data.val_image_size={size}"] + (
+            [f"data.start_image_size={size * 5 // 6 // 32 * 32}"] if extra else [])  # ffcv: 160 -> 192
+
+        def value(last: dict) -> tuple[float, str]:
+            return last["images_per_sec"], (f"{model} at {last.get('train_image_size', size)}px (last epoch), batch "
+                                            f"{batch}/process, data.loader=dali; data wait "
+                                            f"{100 * last['data_wait_fraction']:.0f}% of step time")
+
+        records += trainer_records("recipes", config.removesuffix(".yaml"), f"configs/{config}", work / config, [
+            f"model.name={model}", f"data.root={root}", f"data.dataset={dataset}", "data.loader=dali", *sizes,
+            f"data.batch_size={batch}", f"data.workers={os.cpu_count()}", f"schedule.epochs={3 if cuda else 2}",
+            "schedule.warmup_epochs=0", "run.checkpoint_every_steps=0", *extra], value, "images/s")
+    return records
+
+
 def bench_cifar(device: torch.device, quick: bool, work: Path) -> list[Record]:
     from data_prep.generate import generate_cifar
 
@@ -436,6 +467,8 @@ def main() -> None:
                 records += bench_loader(device, a.quick, work)
             elif section == "e2e":
                 records += bench_e2e(device, a.quick, work)
+            elif section == "recipes":
+                records += bench_recipes(device, a.quick, work)
             elif section == "cifar":
                 records += bench_cifar(device, a.quick, work)
             else:

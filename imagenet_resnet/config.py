@@ -61,11 +61,19 @@ class ModelConfig:
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
     init_from: str = ""  # weights to start from: a checkpoint of this project or a torchvision/timm state_dict file
     freeze: str = "none"  # none | backbone (train the head only) | up_to_stage:K (stem and stages 1..K fixed)
+    ema_decay: float = 0.0  # > 0: also keep an EMA of the weights (timm ModelEmaV3), evaluated as val_top1_ema
+    drop_path: float = 0.0  # stochastic depth rate (timm's drop_path_rate); ImageNet models only
+    blurpool: bool = False  # anti-aliased stride-2 convolutions (timm BlurPool2d), as FFCV trains ResNet-50
 
     def __post_init__(self) -> None:
-        from imagenet_resnet.models import list_models  # torch and timm: only once a config is loaded
+        from imagenet_resnet.models import TIMM_EXTRAS_MODELS, list_models  # torch and timm: once a config loads
 
         _choice("model.name", self.name, tuple(list_models()))
+        _number("model.ema_decay", self.ema_decay, 0, 1, high_open=True)
+        _number("model.drop_path", self.drop_path, 0, 1, high_open=True)
+        for key, used in (("model.drop_path", self.drop_path > 0), ("model.blurpool", self.blurpool)):
+            _require(key, getattr(self, key.split(".")[1]), not used or self.name in TIMM_EXTRAS_MODELS,
+                     f"model.name={self.name} does not support it; models that do: {', '.join(TIMM_EXTRAS_MODELS)}")
         _require("model.freeze", self.freeze, bool(re.fullmatch(r"none|backbone|up_to_stage:[1-9]", self.freeze)),
                  "expected none, backbone or up_to_stage:K")
         _not_a_folder("model.init_from", self.init_from)
@@ -85,6 +93,17 @@ class DataConfig:
     loader: str = "auto"  # auto | device (CIFAR, whole set on the device) | torchvision | dali
     workers: int = 8  # DataLoader worker processes (torchvision) or DALI threads, per process
     crop_padding: int = 4  # CIFAR/MNIST augmentation: zero-pad then random crop (He et al. 2016)
+    # Progressive resizing (FFCV): the train size grows from start_image_size to image_size between
+    # the epochs resize_ramp_epochs=[start, end], in multiples of 32 px; 0 = off.
+    start_image_size: int = 0
+    resize_ramp_epochs: list[int] = field(default_factory=lambda: [0, 0])
+    val_image_size: int = 0  # evaluation size (FixRes: larger than training); 0 = image_size
+    val_crop_fraction: float = 0.875  # val: resize the shorter side to val_image_size / this, centre crop
+    val_flip_tta: bool = False  # evaluate each image and its mirror, average the logits
+    mixup_alpha: float = 0.0  # Mixup on the device batch (timm Mixup); 0 = off
+    cutmix_alpha: float = 0.0  # CutMix (with Mixup: one or the other per batch, half the time each); 0 = off
+    randaugment_n: int = 0  # RandAugment operations per image (DALI auto_aug / torchvision v2); 0 = off
+    randaugment_m: int = 9  # RandAugment magnitude, 0..30 (31 bins, as DALI and torchvision count)
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, (*DEVICE_DATASETS, "imagenet", "folder"))
@@ -94,7 +113,27 @@ class DataConfig:
         _number("data.image_size", self.image_size, 16, 2048)
         _number("data.workers", self.workers, 0, 256)
         _number("data.crop_padding", self.crop_padding, 0, 64)
+        _require("data.start_image_size", self.start_image_size,
+                 self.start_image_size == 0 or 16 <= self.start_image_size <= self.image_size,
+                 f"expected 0 (off) or a size in [16, data.image_size={self.image_size}]")
+        ramp = self.resize_ramp_epochs
+        _require("data.resize_ramp_epochs", ramp, len(ramp) == 2 and 0 <= ramp[0] <= ramp[1],
+                 "expected [start, end] epochs with 0 <= start <= end")
+        _require("data.val_image_size", self.val_image_size, self.val_image_size == 0 or 16 <= self.val_image_size <= 2048,
+                 "expected 0 (= data.image_size) or a size in [16, 2048]")
+        _number("data.val_crop_fraction", self.val_crop_fraction, 0.1, 1)
+        _number("data.mixup_alpha", self.mixup_alpha, 0)
+        _number("data.cutmix_alpha", self.cutmix_alpha, 0)
+        _require("data.batch_size", self.batch_size, self.batch_size % 2 == 0 or not (self.mixup_alpha or self.cutmix_alpha),
+                 "Mixup/CutMix pair each image with another of the batch: expected an even number")
+        _number("data.randaugment_n", self.randaugment_n, 0, 16)
+        _number("data.randaugment_m", self.randaugment_m, 0, 30)
         small = self.dataset in DEVICE_DATASETS
+        for key, default in (("start_image_size", 0), ("val_image_size", 0), ("val_crop_fraction", 0.875),
+                             ("randaugment_n", 0)):
+            _require(f"data.{key}", getattr(self, key), not small or getattr(self, key) == default,
+                     f"applies to data.dataset=imagenet or folder (the device loader of {self.dataset} "
+                     f"keeps the images at their own size)")
         _require("data.loader", self.loader, self.loader in (("auto", "device") if small else ("auto", "torchvision", "dali")),
                  f"data.dataset={self.dataset} uses " + ("data.loader=device (or auto)" if small else
                                                         "data.loader=torchvision or dali (or auto)"))
@@ -102,21 +141,29 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "sgd"  # sgd | lars | lamb (timm.optim; norm layers and biases: no weight decay, no trust ratio)
     base_lr: float = 0.2  # per 256 images: lr = base_lr * global_batch / 256; 0.2 is He et al.'s 0.1 at batch 128
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4  # never applied to norm layers or biases
     label_smoothing: float = 0.0
+    loss: str = "cross_entropy"  # cross_entropy | bce (timm BinaryCrossEntropy, as ResNet strikes back)
+    bce_target_threshold: float = 0.0  # bce: targets above this become 1 (RSB: 0.2); 0 = soft targets kept
+    lars_trust_coeff: float = 0.001  # lars: eta of the layer-wise trust ratio (MLPerf LARSETA)
     accumulation_steps: int = 1  # micro-batches per optimizer step; global batch includes it
     pretrained_lr_scale: float = 1.0  # lr multiplier for weights loaded by model.init_from (fine-tuning)
 
     def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("sgd", "lars", "lamb"))
         _number("optim.base_lr", self.base_lr, 0, low_open=True)
         _number("optim.momentum", self.momentum, 0, 1, high_open=True)
         _require("optim.nesterov", self.nesterov, not self.nesterov or self.momentum > 0,
                  "Nesterov momentum needs optim.momentum > 0")
         _number("optim.weight_decay", self.weight_decay, 0)
         _number("optim.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        _choice("optim.loss", self.loss, ("cross_entropy", "bce"))
+        _number("optim.bce_target_threshold", self.bce_target_threshold, 0, 1, high_open=True)
+        _number("optim.lars_trust_coeff", self.lars_trust_coeff, 0, 1, low_open=True)
         _number("optim.accumulation_steps", self.accumulation_steps, 1)
         _number("optim.pretrained_lr_scale", self.pretrained_lr_scale, 0)
 
@@ -124,7 +171,8 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     epochs: int = 164  # He et al.: 64k iterations at batch 128 on 50k images
-    kind: str = "step"  # step | cosine
+    kind: str = "step"  # step | cosine | linear (to zero at the end: FFCV) | poly ((1 - progress)^poly_power: MLPerf LARS)
+    poly_power: float = 2.0
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
     gamma: float = 0.1  # step decay factor at each milestone
     warmup_epochs: float = 0.0
@@ -133,7 +181,8 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         _number("schedule.epochs", self.epochs, 1)
-        _choice("schedule.kind", self.kind, ("step", "cosine"))
+        _choice("schedule.kind", self.kind, ("step", "cosine", "linear", "poly"))
+        _number("schedule.poly_power", self.poly_power, 0, 10, low_open=True)
         _require("schedule.milestones", self.milestones,
                  all(0.0 < m < 1.0 for m in self.milestones) and self.milestones == sorted(set(self.milestones)),
                  "increasing fractions of the run, each in (0, 1)")
@@ -150,7 +199,8 @@ class RunConfig:
     out_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints; the run's identity
     seed: int = 0  # offset by rank in each process
     device: str = "auto"  # auto (cuda if present) | cuda | cpu
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 (with a gradient scaler: V100, T4, RTX 20) | fp32
+    loss_scale: float = 65536.0  # fp16: the gradient scaler's starting scale (halved at each overflow, then grown)
     channels_last: bool = True  # NHWC activations on cuda (tensor cores); ignored on cpu
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs; pays off for small CIFAR nets) | max-autotune
@@ -169,7 +219,8 @@ class RunConfig:
         _folder_or_absent("run.out_dir", self.out_dir)
         _number("run.seed", self.seed, 0, 2**31 - 1)
         _choice("run.device", self.device, ("auto", "cuda", "cpu"))
-        _choice("run.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("run.precision", self.precision, ("auto", "bf16", "fp16", "fp32"))
+        _number("run.loss_scale", self.loss_scale, 1, 2.0**64)
         _choice("run.compile_mode", self.compile_mode, ("default", "reduce-overhead", "max-autotune"))
         _choice("run.on_world_size_change", self.on_world_size_change, ("keep_global_batch", "scale_lr"))
         _not_a_folder("run.resume", self.resume)
@@ -205,6 +256,9 @@ class Config:
         """Rules across sections (those within one section are checked by it)."""
         _require("model.sync_bn", self.model.sync_bn, not (self.model.sync_bn and self.run.device == "cpu"),
                  "PyTorch's SyncBatchNorm runs on CUDA only (run.device=cpu)")
+        ramp = self.data.resize_ramp_epochs
+        _require("data.resize_ramp_epochs", ramp, not self.data.start_image_size or ramp[1] <= self.schedule.epochs,
+                 f"the ramp ends after the run (schedule.epochs={self.schedule.epochs})")
 
 
 def _omegaconf_message(err: OmegaConfBaseException) -> str:

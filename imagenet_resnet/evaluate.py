@@ -2,7 +2,10 @@
 
     python -m imagenet_resnet.evaluate --config runs/x/config.yaml --checkpoint runs/x/best.pt
     torchrun --nproc_per_node=2 -m imagenet_resnet.evaluate --config ... --checkpoint ...
-    # {"val_top1": 76.1, "val_top5": 92.9, "val_images": 50000, "val_loss": 0.96}
+    # {"weights": "model", "val_top1": 76.1, "val_top5": 92.9, "val_images": 50000, "val_loss": 0.96}
+
+`--weights ema` evaluates the EMA weights of a run trained with model.ema_decay; by default the
+weights that scored best_top1 when the checkpoint was written (best.pt: the better of the two).
 """
 
 from __future__ import annotations
@@ -16,26 +19,32 @@ from imagenet_resnet.cli import existing_file, parse, parser, run_main
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import init_distributed, shutdown
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.trainer import build_network, evaluate, use_bf16
+from imagenet_resnet.inference import WEIGHTS
+from imagenet_resnet.trainer import amp_dtype, build_network, evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
     p = parser("Evaluate a checkpoint: top-1/top-5 over every val image exactly once.")
     p.add_argument("--checkpoint", required=True, type=existing_file, help="a last.pt or best.pt written by training")
+    p.add_argument("--weights", choices=tuple(WEIGHTS), help="model or ema (default: those that scored best)")
     args, cfg = parse(p, argv)
     dist = init_distributed(cfg.run.device)
     try:
-        bf16 = use_bf16(cfg, dist.device)
-        _, val_loader, num_classes = build_loaders(cfg, dist, torch.bfloat16 if bf16 else torch.float32)
+        dtype = amp_dtype(cfg, dist.device)
+        _, val_loader, num_classes = build_loaders(cfg, dist, dtype or torch.float32)
         net = build_network(cfg, num_classes, dist)
         state = load_file(args.checkpoint)
+        weights = args.weights or state.get("best_weights", "model")
+        if WEIGHTS[weights] not in state:
+            raise UserError(f"{args.checkpoint}: holds no EMA weights (trained with model.ema_decay=0); use --weights model")
         try:
-            unwrap(net).load_state_dict(state["model"])
+            unwrap(net).load_state_dict(state[WEIGHTS[weights]])
         except RuntimeError as err:
             raise UserError(f"{args.checkpoint}: does not fit model {cfg.model.name} with {num_classes} classes: {err}") from err
-        result = evaluate(net, val_loader, bf16, dist.device)
+        result = evaluate(net, val_loader, dtype, dist.device, cfg.data.val_flip_tta)
         if dist.is_main:
-            print(json.dumps({k: result[k] for k in ("val_top1", "val_top5", "val_images", "val_loss")}), flush=True)
+            print(json.dumps({"weights": weights, **{k: result[k] for k in ("val_top1", "val_top5", "val_images",
+                                                                             "val_loss")}}), flush=True)
     finally:
         shutdown()
 

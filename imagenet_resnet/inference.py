@@ -61,7 +61,8 @@ def load_trained(path: Path, weights: str = "model") -> Trained:
         raise UserError(f"{path}: holds no EMA weights (trained with model.ema_decay=0); use --weights model")
     cfg = config_from_dict(state["config"], str(path))
     num_classes = state["num_classes"]
-    net = build_model(cfg.model.name, num_classes, in_chans=input_channels(cfg.data.dataset))
+    net = build_model(cfg.model.name, num_classes, in_chans=input_channels(cfg.data.dataset),
+                      drop_path=cfg.model.drop_path, blurpool=cfg.model.blurpool)
     try:
         net.load_state_dict(state[WEIGHTS[weights]])
     except RuntimeError as err:

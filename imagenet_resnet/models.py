@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from timm.layers import SEModule
+from timm.layers import BlurPool2d, SEModule
 from torch import nn
 
 from imagenet_resnet.errors import UserError
@@ -41,11 +41,16 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, num_classes: int, zero_init_residual: bool = True, in_chans: int = 3) -> nn.Module:
-    """A freshly initialised network; zero_init_residual zeroes each block's last BN gamma."""
+def build_model(name: str, num_classes: int, zero_init_residual: bool = True, in_chans: int = 3,
+                drop_path: float = 0.0, blurpool: bool = False) -> nn.Module:
+    """A freshly initialised network; zero_init_residual zeroes each block's last BN gamma.
+    drop_path (stochastic depth) and blurpool apply to the ImageNet models (TIMM_EXTRAS_MODELS)."""
     if name not in _REGISTRY:
         raise UserError(f"config key model.name={name!r}: unknown model; known: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, zero_init_residual=zero_init_residual, in_chans=in_chans)
+    extras = {"drop_path": drop_path, "blurpool": blurpool} if drop_path or blurpool else {}
+    if extras and name not in TIMM_EXTRAS_MODELS:
+        raise UserError(f"model.name={name}: no stochastic depth or BlurPool; models with them: {', '.join(TIMM_EXTRAS_MODELS)}")
+    return _REGISTRY[name](num_classes=num_classes, zero_init_residual=zero_init_residual, in_chans=in_chans, **extras)
 
 
 def stages(model: nn.Module) -> list[nn.Module]:
@@ -143,9 +148,12 @@ for _depth in (20, 32, 44, 56, 110):
 
 
 def _torchvision(arch: str, small_input: bool = False) -> ModelFn:
-    """torchvision's ResNets; small_input: 3x3 stride-1 stem and no max-pool, for 32x32 images."""
+    """torchvision's ResNets; small_input: 3x3 stride-1 stem and no max-pool, for 32x32 images.
+    With stochastic depth or BlurPool, timm's ResNet of the same name (the same layers and keys)."""
 
-    def make(num_classes: int, zero_init_residual: bool, in_chans: int) -> nn.Module:
+    def make(num_classes: int, zero_init_residual: bool, in_chans: int, **extras) -> nn.Module:
+        if extras:
+            return _timm(arch)(num_classes, zero_init_residual, in_chans, **extras)
         model = getattr(torchvision.models, arch)(num_classes=num_classes, zero_init_residual=zero_init_residual)
         if small_input or in_chans != 3:
             kernel, stride = (3, 1) if small_input else (7, 2)
@@ -159,17 +167,21 @@ def _torchvision(arch: str, small_input: bool = False) -> ModelFn:
 
 
 def _timm(arch: str) -> ModelFn:
-    def make(num_classes: int, zero_init_residual: bool, in_chans: int) -> nn.Module:
+    def make(num_classes: int, zero_init_residual: bool, in_chans: int, drop_path: float = 0.0,
+             blurpool: bool = False) -> nn.Module:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, zero_init_last=zero_init_residual,
-                                 in_chans=in_chans)
+                                 in_chans=in_chans, drop_path_rate=drop_path, aa_layer=BlurPool2d if blurpool else None)
 
     return make
 
 
-for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
+IMAGENET_TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101")
+IMAGENET_TIMM = ("seresnet18", "seresnet34", "seresnet50", "resnext50_32x4d", "seresnext50_32x4d")
+TIMM_EXTRAS_MODELS = IMAGENET_TORCHVISION + IMAGENET_TIMM  # those that take drop_path and blurpool
+for _arch in IMAGENET_TORCHVISION:
     register(_arch)(_torchvision(_arch))
 # The common CIFAR adaptation of the ImageNet ResNets (e.g. kuangliu/pytorch-cifar).
 for _depth in (18, 34, 50):
     register(f"cifar_resnet{_depth}")(_torchvision(f"resnet{_depth}", small_input=True))
-for _arch in ("seresnet18", "seresnet34", "seresnet50", "resnext50_32x4d", "seresnext50_32x4d"):
+for _arch in IMAGENET_TIMM:
     register(_arch)(_timm(_arch))

@@ -1,9 +1,11 @@
-"""SGD with decay-free norm/bias parameters, the linear scaling rule, warmup + step/cosine decay.
+"""Optimizers (SGD, and LARS / LAMB from timm.optim) with decay-free norm/bias parameters, the
+loss, the linear scaling rule, and warmup + step/cosine/linear/poly decay.
 
 The schedule is a pure function of the global step, so resuming needs nothing but the step.
 
     lr = scaled_lr(0.1, global_batch=1024)                 # 0.4
     opt = build_optimizer(model, cfg.optim, lr)   # (..., pretrained=names) for fine-tuning
+    criterion = build_loss(cfg.optim, soft_targets=False)
     sched = Schedule.from_config(cfg.schedule, steps_per_epoch=5005)
     set_lr(opt, lr * sched.factor(step))
 """
@@ -48,16 +50,40 @@ def param_groups(model: nn.Module, weight_decay: float, pretrained: set[str] = f
             for (no_decay, loaded), params in sorted(groups.items())]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, pretrained: set[str] = frozenset()) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
+                    pretrained: set[str] = frozenset()) -> torch.optim.Optimizer:
+    """optim.name's optimizer. LARS and LAMB adapt only the groups with weight decay (timm's
+    always_adapt=False): norm layers and biases get neither decay nor a trust ratio, as in
+    MLPerf's LARS reference and RSB's LAMB."""
+    groups = param_groups(model, cfg.weight_decay, pretrained, cfg.pretrained_lr_scale)
+    if cfg.name == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, trust_coeff=cfg.lars_trust_coeff)
+    if cfg.name == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=lr)  # timm's defaults, as RSB trained: betas (0.9, 0.999), grad norm clip 1.0
     on_cuda = next(model.parameters()).is_cuda
     return torch.optim.SGD(
-        param_groups(model, cfg.weight_decay, pretrained, cfg.pretrained_lr_scale),
+        groups,
         lr=lr,
         momentum=cfg.momentum,
         nesterov=cfg.nesterov,
         fused=on_cuda,  # one kernel for the whole update on the GPU
         foreach=None if on_cuda else True,
     )
+
+
+def build_loss(cfg: OptimConfig, soft_targets: bool) -> nn.Module:
+    """Cross-entropy or timm's BinaryCrossEntropy (RSB). With Mixup/CutMix the targets come soft,
+    label smoothing already folded in."""
+    from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
+
+    smoothing = 0.0 if soft_targets else cfg.label_smoothing
+    if cfg.loss == "bce":
+        return BinaryCrossEntropy(smoothing=smoothing, target_threshold=cfg.bce_target_threshold or None)
+    return SoftTargetCrossEntropy() if soft_targets else nn.CrossEntropyLoss(label_smoothing=smoothing)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -67,16 +93,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @dataclass(frozen=True)
 class Schedule:
-    """lr multiplier per global step: warmup, then step decay at fractions of the run, or cosine.
+    """lr multiplier per global step: warmup, then step decay at fractions of the run, cosine,
+    linear to zero (FFCV) or polynomial (1 - progress)^poly_power (MLPerf LARS).
 
     Args:
         total_steps: steps in the whole run (epochs x steps per epoch).
         warmup_steps: steps of warmup at the start.
-        kind: "step" or "cosine".
+        kind: "step", "cosine", "linear" or "poly".
         milestones: fractions of total_steps where a step schedule multiplies by gamma.
         gamma: step decay factor.
         warmup_kind: "linear" ramps from warmup_start_factor to 1; "constant" holds it.
         warmup_start_factor: multiplier at step 0.
+        poly_power: exponent of the "poly" decay.
     """
 
     total_steps: int
@@ -86,6 +114,7 @@ class Schedule:
     gamma: float = 0.1
     warmup_kind: str = "linear"
     warmup_start_factor: float = 0.0
+    poly_power: float = 2.0
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, steps_per_epoch: int) -> Schedule:
@@ -97,6 +126,7 @@ class Schedule:
             gamma=cfg.gamma,
             warmup_kind=cfg.warmup_kind,
             warmup_start_factor=cfg.warmup_start_factor,
+            poly_power=cfg.poly_power,
         )
 
     def factor(self, step: int) -> float:
@@ -104,8 +134,12 @@ class Schedule:
             if self.warmup_kind == "constant":
                 return self.warmup_start_factor
             return self.warmup_start_factor + (1 - self.warmup_start_factor) * step / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         if self.kind == "cosine":
-            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        if self.kind == "linear":
+            return 1 - progress
+        if self.kind == "poly":
+            return (1 - progress) ** self.poly_power
         passed = sum(step >= round(m * self.total_steps) for m in self.milestones)
         return self.gamma**passed

@@ -10,6 +10,7 @@ device and are read at log steps, checkpoints and epoch ends.
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import sys
 import time
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -24,7 +26,8 @@ from tqdm import tqdm
 
 from imagenet_resnet.checkpoint import BEST, LAST, capture_rng, load_file, load_latest, restore_rng, save_atomic, unwrap
 from imagenet_resnet.config import Config, config_to_dict, save_config
-from imagenet_resnet.data import Loader, build_loaders, class_names, input_channels
+from imagenet_resnet.data import Loader, build_loaders, class_names, input_channels, train_image_size
+from imagenet_resnet.data.mixing import build_mixing
 from imagenet_resnet.distributed import (
     DistInfo,
     all_gather_objects,
@@ -40,7 +43,7 @@ from imagenet_resnet.finetune import apply_freeze, load_pretrained
 from imagenet_resnet.lease import Lease, hold_lease
 from imagenet_resnet.metrics import RunLog, read_metrics, topk_correct
 from imagenet_resnet.models import build_model
-from imagenet_resnet.optim import Schedule, build_optimizer, scaled_lr, set_lr
+from imagenet_resnet.optim import Schedule, build_loss, build_optimizer, scaled_lr, set_lr
 
 # A checkpoint from a run that differs in these cannot continue this run.
 MUST_MATCH = ("model.name", "data.dataset")
@@ -48,17 +51,32 @@ MUST_MATCH = ("model.name", "data.dataset")
 STOP_CHECK_EVERY_STEPS = 10
 
 
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of run.precision (auto: bf16 on CUDA, fp32 on the CPU); None for fp32."""
+    precision = cfg.run.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def use_bf16(cfg: Config, device: torch.device) -> bool:
-    return cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and device.type == "cuda")
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def seed_step(seed: int, rank: int, step: int, micro: int) -> None:
+    """Seed every generator from (seed, rank, global step, micro-batch): the step's random draws
+    (Mixup/CutMix in NumPy, stochastic depth in torch) are then the same in a resumed run, whatever
+    the loaders drew from the global generators meanwhile."""
+    value = (((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro) & 0x7FFF_FFFF_FFFF
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
 
 
 def build_network(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     """The model on its device, in channels_last on CUDA, SyncBN if asked; not yet wrapped."""
-    net = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, input_channels(cfg.data.dataset))
+    net = build_model(cfg.model.name, num_classes, cfg.model.zero_init_residual, input_channels(cfg.data.dataset),
+                      drop_path=cfg.model.drop_path, blurpool=cfg.model.blurpool)
     if cfg.model.sync_bn and dist.is_distributed:
         if dist.device.type != "cuda":
             raise UserError("config key model.sync_bn=true: PyTorch's SyncBatchNorm runs on CUDA only")
@@ -68,8 +86,10 @@ def build_network(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader: Loader, bf16: bool, device: torch.device) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) over every val image once, summed over ranks.
+def evaluate(net: nn.Module, loader: Loader, dtype: torch.dtype | None, device: torch.device, flip_tta: bool = False,
+             suffix: str = "") -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over every val image once, summed over ranks; with
+    flip_tta the logits are the mean of the image's and its mirror's. Keys end with `suffix`.
 
     `net` must be the bare module, not the DDP wrapper: ranks may hold different numbers of
     batches, and DDP's forward would wait for a collective on the rank that has finished.
@@ -79,16 +99,18 @@ def evaluate(net: nn.Module, loader: Loader, bf16: bool, device: torch.device) -
     for images, labels in loader:
         if labels.numel() == 0:  # DALI's PARTIAL policy can yield an empty last batch
             continue
-        with autocast(device, bf16):
-            logits = net(images)
-        loss = nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        with autocast(device, dtype):
+            logits = net(images).float()
+            if flip_tta:
+                logits = (logits + net(images.flip(3)).float()) / 2
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         sums[0] += loss
         sums[1:3] += topk_correct(logits, labels)
         sums[3] += labels.numel()
     loss_sum, top1, top5, images = all_reduce_sum(sums).tolist()
     count = max(images, 1)
-    return {"val_loss": loss_sum / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
-            "val_images": int(images)}
+    return {f"val_loss{suffix}": loss_sum / count, f"val_top1{suffix}": 100 * top1 / count,
+            f"val_top5{suffix}": 100 * top5 / count, f"val_images{suffix}": int(images)}
 
 
 @dataclass
@@ -106,10 +128,9 @@ class Trainer:
     def __init__(self, cfg: Config, dist: DistInfo, lease: Lease | None = None) -> None:
         self.cfg, self.dist, self.lease = cfg, dist, lease  # lease: rank 0's hold on out_dir
         self.out_dir = Path(cfg.run.out_dir)
-        self.bf16 = use_bf16(cfg, dist.device)
+        self.amp = amp_dtype(cfg, dist.device)
         torch.manual_seed(cfg.run.seed + dist.rank)
-        input_dtype = torch.bfloat16 if self.bf16 else torch.float32
-        self.train_loader, self.val_loader, self.num_classes = build_loaders(cfg, dist, input_dtype)
+        self.train_loader, self.val_loader, self.num_classes = build_loaders(cfg, dist, self.amp or torch.float32)
         self.net = build_network(cfg, self.num_classes, dist)
         state, path = self._find_checkpoint()
         # Fine-tuning: pretrained weights only for a fresh start; a resumed run has its own.
@@ -126,10 +147,13 @@ class Trainer:
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
         self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr, pretrained)
         self.schedule = Schedule.from_config(cfg.schedule, self.steps_per_epoch)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+        self.mixing = build_mixing(cfg, self.num_classes)
+        self.criterion = build_loss(cfg.optim, soft_targets=self.mixing is not None)
+        # fp16 needs loss scaling; a step whose gradients overflow is skipped and the scale lowered.
+        self.scaler = torch.amp.GradScaler(dist.device.type, cfg.run.loss_scale, enabled=self.amp == torch.float16)
         self.position = Position()
         self.train_sums = self._zero_sums()
-        self.best_top1 = 0.0
+        self.best_top1, self.best_weights = 0.0, "model"
         if state is not None:
             self._restore(state, path)
         if cfg.run.compile:
@@ -139,6 +163,7 @@ class Trainer:
             if dist.is_distributed
             else self.net
         )
+        self.ema = self._build_ema(state)  # after DDP has given every rank rank 0's weights
         self.stop_requested = False
         self.finished = self.position.epoch >= cfg.schedule.epochs
         self.log = self._start_log(resumed=state is not None) if dist.is_main and not self.finished else None
@@ -154,7 +179,7 @@ class Trainer:
         print(
             f"model {self.cfg.model.name} ({sum(p.numel() for p in self.net.parameters()):,} parameters), "
             f"{self.dist.world_size} process(es) on {self.dist.device.type}, "
-            f"{'bf16' if self.bf16 else 'fp32'}; {self.train_loader.num_images} train / "
+            f"{str(self.amp or torch.float32).removeprefix('torch.')}; {self.train_loader.num_images} train / "
             f"{self.val_loader.num_images} val images, {self.num_classes} classes"
             + (f"; weights from {self.cfg.model.init_from}, freeze={self.cfg.model.freeze}" if self.cfg.model.init_from else ""),
             flush=True,
@@ -207,6 +232,20 @@ class Trainer:
         start_over = "use a new run.out_dir (or move this folder away) to start over."
         return f"To continue from {best}, add run.resume={best}; or {start_over}" if best.exists() else start_over.capitalize()
 
+    def _build_ema(self, state: dict[str, Any] | None):
+        """timm's ModelEmaV3 of the weights, continued from the checkpoint's if it has one (else
+        started from the current weights: EMA switched on when resuming begins there)."""
+        if not self.cfg.model.ema_decay:
+            return None
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(unwrap(self.net), decay=self.cfg.model.ema_decay)
+        if state is not None and "model_ema" in state:
+            ema.module.load_state_dict(state["model_ema"])
+            if state["world_size"] == self.dist.world_size:  # this rank's own buffers, as if never stopped
+                ema.module.load_state_dict(state["ema_buffers"][self.dist.rank], strict=False)
+        return ema
+
     def _accumulation_steps(self, state: dict[str, Any] | None) -> int:
         """optim.accumulation_steps, or what keeps a resumed run's global batch on a new world size."""
         per_step = self.cfg.data.batch_size * self.dist.world_size
@@ -224,8 +263,9 @@ class Trainer:
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         unwrap(self.net).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        set_lr(self.optimizer, self.peak_lr)  # the saved group lr came from the old global batch
-        self.best_top1 = state["best_top1"]
+        self.best_top1, self.best_weights = state["best_top1"], state.get("best_weights", "model")
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         pos = state["position"]
         same_world = state["world_size"] == self.dist.world_size
         if same_world and state["global_batch"] == self.global_batch:
@@ -246,6 +286,9 @@ class Trainer:
                     f"lr {self.peak_lr:g}; epoch {pos['epoch']} continues at step {done}",
                     flush=True,
                 )
+        # The lr of the last step taken, on this run's global batch (the saved one may be another's):
+        # what the epoch's record reports if the checkpoint was written after its last step.
+        set_lr(self.optimizer, self.peak_lr * self.schedule.factor(max(self.position.global_step - 1, 0)))
         if self.dist.is_main:
             print(f"resumed from {path}: epoch {self.position.epoch}, step {self.position.step_in_epoch}", flush=True)
 
@@ -265,10 +308,12 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------
 
     def save(self, best: bool = False) -> None:
-        """Collective: every rank contributes its RNG, partial sums and loader state; rank 0 writes."""
+        """Collective: every rank contributes its RNG, partial sums, loader state and EMA buffers; rank 0 writes."""
         rng = all_gather_objects(capture_rng())
         sums = all_gather_objects(self.train_sums.cpu())
         loader = all_gather_objects(self.train_loader.state())
+        # Each rank's EMA follows its own BatchNorm statistics (averaged only for evaluation).
+        ema_buffers = all_gather_objects({k: v.cpu() for k, v in self.ema.module.named_buffers()}) if self.ema else None
 
         def write() -> None:
             if self.lease:
@@ -279,6 +324,8 @@ class Trainer:
                 "position": vars(self.position).copy(),
                 "train_sums": sums,
                 "best_top1": self.best_top1,
+                "best_weights": self.best_weights,  # which of model / model_ema scored best_top1
+                "scaler": self.scaler.state_dict(),
                 "rng": rng,
                 "loader": loader,
                 "config": config_to_dict(self.cfg),
@@ -287,6 +334,8 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "global_batch": self.global_batch,
             }
+            if self.ema:
+                state["model_ema"], state["ema_buffers"] = self.ema.module.state_dict(), ema_buffers
             save_atomic(state, self.out_dir / LAST)
             if best:
                 save_atomic(state, self.out_dir / BEST)
@@ -307,11 +356,13 @@ class Trainer:
             for epoch in range(self.position.epoch, self.cfg.schedule.epochs):
                 train_stats = self.train_epoch(epoch)
                 average_buffers(self.net)
-                val_stats = evaluate(self.net, self.val_loader, self.bf16, self.dist.device)
+                val_stats = self.evaluate()
                 record = {"epoch": epoch, **train_stats, **val_stats}
                 records.append(record)
-                is_best = val_stats["val_top1"] > self.best_top1
-                self.best_top1 = max(self.best_top1, val_stats["val_top1"])
+                top1, weights = max((val_stats["val_top1"], "model"), (val_stats.get("val_top1_ema", -1.0), "ema"))
+                is_best = top1 > self.best_top1
+                if is_best:
+                    self.best_top1, self.best_weights = top1, weights
                 main_only(lambda: self._record(record))
                 self.position = Position(epoch + 1, 0, self.position.global_step)
                 self.train_sums = self._zero_sums()
@@ -332,6 +383,15 @@ class Trainer:
             self.lease.check()
         if self.log:
             self.log.epoch(self.position.global_step, record)
+
+    def evaluate(self) -> dict[str, float]:
+        """The model on the val set, and its EMA (keys *_ema) when there is one."""
+        tta, device = self.cfg.data.val_flip_tta, self.dist.device
+        stats = evaluate(self.net, self.val_loader, self.amp, device, tta)
+        if self.ema:
+            average_buffers(self.ema.module)  # each rank's EMA of its own BN statistics
+            stats |= evaluate(self.ema.module, self.val_loader, self.amp, device, tta, suffix="_ema")
+        return stats
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -356,22 +416,27 @@ class Trainer:
                 fetch_start = time.perf_counter()
                 images, labels = next(batches)
                 wait_s += time.perf_counter() - fetch_start
+                seed_step(self.cfg.run.seed, self.dist.rank, self.position.global_step, micro)
+                inputs, targets = self.mixing(images, labels) if self.mixing else (images, labels)
                 last_micro = micro == self.accum - 1
                 # DDP all-reduces gradients on the last micro-batch only.
                 skip_sync = self.model.no_sync() if self.dist.is_distributed and not last_micro else contextlib.nullcontext()
                 with skip_sync:
-                    with autocast(self.dist.device, self.bf16):
-                        logits = self.model(images)
-                        loss = self.criterion(logits, labels)
-                    (loss / self.accum).backward()
+                    with autocast(self.dist.device, self.amp):
+                        logits = self.model(inputs)
+                        loss = self.criterion(logits, targets)
+                    self.scaler.scale(loss / self.accum).backward()
                 loss = loss.detach().double()
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                 # In-place adds of host scalars: no host-to-device copy in the step loop.
                 self.train_sums[0] += loss * labels.numel()
                 self.train_sums[1] += topk_correct(logits, labels, (1,))[0]
                 self.train_sums[2] += labels.numel()
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # without fp16: optimizer.step()
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema:
+                self.ema.update(unwrap(self.net))
             self.position = Position(epoch, step + 1, self.position.global_step + 1)
             bar.update(1)
             done = step + 1
@@ -391,6 +456,7 @@ class Trainer:
         wait_fraction = all_reduce_sum(torch.tensor([wait_s / elapsed], device=self.dist.device)).item()
         steps_run = self.steps_per_epoch - start
         return {
+            "train_image_size": train_image_size(self.cfg.data, epoch),
             "train_loss": loss_sum / images,
             "train_top1": 100 * top1 / images,
             "lr": self.optimizer.param_groups[0]["lr"],

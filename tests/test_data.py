@@ -30,8 +30,9 @@ def test_train_sampler_ranks_are_disjoint_and_epochs_differ():
     assert len(ia) == len(ib) == 50 and not set(ia) & set(ib)
     a.set_position(1)
     assert a.indices() != ia
-    a.set_position(0, start_step=2)
-    assert a.indices() == ia[20:] and [i for i, _ in a] == ia[20:]
+    a.set_position(0, start_step=2, size=96)
+    assert a.indices() == ia[20:] and [i for i, _, _ in a] == ia[20:]
+    assert {size for _, _, size in a} == {96}  # the epoch's train size travels with each key to the workers
 
 
 def test_read_cifar_real_format(cifar_root):

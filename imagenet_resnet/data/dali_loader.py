@@ -7,35 +7,38 @@ on the CPU (device_id=None), which is how the tests exercise it.
 Each epoch builds a pipeline over exactly this rank's files, in the order TrainSampler gives
 (the order the torchvision loader uses too): sharding, shuffling, the mid-epoch start after a
 resume and the labels (from DEST/train.txt) are then the same whichever loader runs, and a
-val shard holds each image once, with no padding to trim.
+val shard holds each image once, with no padding to trim. The per-epoch pipeline also takes the
+epoch's train size (progressive resizing); RandAugment runs in it (`auto_aug.rand_augment`).
 
     train, val = build_dali_loaders(cfg, dist, normalize, samples)
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from imagenet_resnet.config import Config
-from imagenet_resnet.data import (
+from imagenet_resnet.data.datasets import Samples, image_problem, unreadable_image
+from imagenet_resnet.data.sampling import (
     Loader,
     Normalizer,
-    Samples,
     TrainSampler,
-    VAL_CROP_FRACTION,
     augmentation_seed,
-    image_problem,
     shard_range,
-    unreadable_image,
+    train_image_size,
+    val_image_size,
 )
+from imagenet_resnet.data.transforms import RANDAUGMENT_BINS
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
 
 try:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError as err:  # pragma: no cover - depends on the machine
     raise UserError(
@@ -44,12 +47,16 @@ except ImportError as err:  # pragma: no cover - depends on the machine
     ) from err
 
 
+# DALI's own auto_aug still calls its experimental aliases; the notice is for DALI, not for users.
+warnings.filterwarnings("ignore", message=".*fn.experimental", category=DeprecationWarning)
+
 PREFETCH_BATCHES = 4  # the failing batch and DALI's prefetch queue (depth 2) with a margin
 
 
-@pipeline_def(enable_conditionals=False)
-def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train: bool, size: int, gpu: bool):
-    """Decode + (random-resized crop | resize-shorter + centre crop) + flip, uint8 HWC out."""
+@pipeline_def(enable_conditionals=True)  # rand_augment chooses its operations per sample with conditionals
+def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train: bool, size: int, gpu: bool,
+                      crop_fraction: float, randaugment: tuple[int, int]):
+    """Decode + (random-resized crop, RandAugment, flip | resize-shorter + centre crop), uint8 HWC out."""
     jpegs, label = fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
                                    pad_last_batch=True, name="Reader")
     decoder = "mixed" if gpu else "cpu"
@@ -58,10 +65,13 @@ def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train
                                                random_aspect_ratio=[3 / 4, 4 / 3], random_area=[0.08, 1.0],
                                                num_attempts=100, hw_decoder_load=0.65)
         images = fn.resize(images, resize_x=size, resize_y=size)
-        mirror = fn.random.coin_flip(probability=0.5)
+        mirror = fn.random.coin_flip(probability=0.5)  # applied by crop_mirror_normalize, after RandAugment
+        if randaugment[0]:
+            images = rand_augment.rand_augment(images, n=randaugment[0], m=randaugment[1],
+                                               num_magnitude_bins=RANDAUGMENT_BINS)
     else:
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, hw_decoder_load=0.65)
-        images = fn.resize(images, resize_shorter=round(size / VAL_CROP_FRACTION))
+        images = fn.resize(images, resize_shorter=round(size / crop_fraction))
         mirror = 0
     images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", crop=(size, size), mirror=mirror)
     return images, label.gpu() if gpu else label
@@ -80,7 +90,7 @@ class DaliLoader(Loader):
                  samples: list[tuple[str, int]]) -> None:
         self.root = str(Path(cfg.data.root) / split)
         self.samples, self.normalize, self.dist = samples, normalize, dist
-        self.batch_size, self.size, self.threads = cfg.data.batch_size, cfg.data.image_size, max(1, cfg.data.workers)
+        self.batch_size, self.threads, self.data = cfg.data.batch_size, max(1, cfg.data.workers), cfg.data
         self.seed = cfg.run.seed
         self.train = split == "train"
         self.num_images = len(samples)
@@ -123,7 +133,9 @@ class DaliLoader(Loader):
         files = [self.samples[i][0] for i in indices]
         pipe = imagenet_pipeline(
             file_root=self.root, files=files, labels=[self.samples[i][1] for i in indices],
-            train=self.train, size=self.size, gpu=gpu,
+            train=self.train, gpu=gpu, crop_fraction=self.data.val_crop_fraction,
+            size=train_image_size(self.data, self.epoch) if self.train else val_image_size(self.data),
+            randaugment=(self.data.randaugment_n, self.data.randaugment_m),
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
             seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
             enable_checkpointing=self.train, checkpoint=self.checkpoint,

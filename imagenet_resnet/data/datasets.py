@@ -1,0 +1,230 @@
+"""What the datasets are and how they are read: CIFAR and MNIST files, the prepared ImageNet
+file lists, image folders, single images, class names and normalisation constants.
+
+    train_x, train_y, val_x, val_y = read_cifar("data", "cifar10")
+    samples, num_classes = read_file_lists(Path("/data/imagenet"))   # DEST of prepare-imagenet
+    class_names(cfg)       # ['tench, Tinca tinca', ...]
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.layout import COMPLETE_MARKER
+from imagenet_resnet.config import Config
+from imagenet_resnet.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+FASHION_MNIST_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                       "Ankle boot")
+
+
+@dataclass(frozen=True)
+class SmallDataset:
+    """A dataset that fits on the device: normalisation, whether flips are label-preserving, shape."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    flip: bool
+    channels: int
+    classes: int
+    size: int  # images are size x size
+
+
+SMALL_DATASETS = {
+    "cifar10": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3, classes=10, size=32),
+    "cifar100": SmallDataset(CIFAR_MEAN, CIFAR_STD, flip=True, channels=3, classes=100, size=32),
+    # a flipped digit is another glyph
+    "mnist": SmallDataset((0.1307,), (0.3081,), flip=False, channels=1, classes=10, size=28),
+    "fashion_mnist": SmallDataset((0.2860,), (0.3530,), flip=False, channels=1, classes=10, size=28),
+}
+CIFAR_META = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_SUBDIRS = {"mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw"}  # where torchvision keeps them
+
+
+def input_channels(dataset: str) -> int:
+    return SMALL_DATASETS[dataset].channels if dataset in SMALL_DATASETS else 3
+
+
+def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    spec = SMALL_DATASETS.get(dataset)
+    return (spec.mean, spec.std) if spec else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def read_cifar(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The released pickles (Python 2: latin1) as uint8 NCHW images and int64 labels."""
+    folder = Path(root) / CIFAR_FOLDERS[dataset]
+    if dataset == "cifar10":
+        splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"]}
+        label_key = "labels"
+    else:
+        splits = {"train": ["train"], "val": ["test"]}
+        label_key = "fine_labels"
+    missing = [name for names in splits.values() for name in names if not (folder / name).is_file()]
+    if missing:
+        raise UserError(
+            f"{folder}: {dataset} not found (missing {', '.join(missing)}). Put the extracted "
+            f"{CIFAR_FOLDERS[dataset]} folder under data.root; this machine downloads nothing."
+        )
+    out = []
+    for names in splits.values():
+        images, labels = [], []
+        for name in names:
+            try:
+                with open(folder / name, "rb") as f:
+                    batch = pickle.load(f, encoding="latin1")
+                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(batch[label_key])
+            except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+                raise UserError(f"{folder / name}: not a {dataset} batch file ({err!r})") from err
+        out += [torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)]
+    return out[0], out[1], out[2], out[3]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format: big-endian dims after a 4-byte magic), gzipped or not."""
+    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+        raise UserError(f"{path}: not an idx file of unsigned bytes")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def read_mnist(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MNIST / Fashion-MNIST idx files from data.root (or torchvision's <root>/MNIST/raw)."""
+    out = []
+    for split, names in IDX_FILES.items():
+        for name in names:
+            candidates = [Path(root) / sub / (name + gz) for sub in ("", IDX_SUBDIRS[dataset]) for gz in ("", ".gz")]
+            path = next((c for c in candidates if c.is_file()), None)
+            if path is None:
+                raise UserError(f"{Path(root) / name}[.gz]: {dataset} file not found (also looked in "
+                                f"{Path(root) / IDX_SUBDIRS[dataset]}); this machine downloads nothing")
+            array = torch.from_numpy(read_idx(path).copy())
+            out.append(array[:, None] if array.ndim == 3 else array.long())
+    return out[0], out[1], out[2], out[3]
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Human names of the classes, by label: the dataset's own (CIFAR meta, synsets.txt words,
+    folder names), or the label numbers where the data does not name them."""
+    dataset, root = cfg.data.dataset, Path(cfg.data.root)
+    if dataset == "mnist":
+        return [str(i) for i in range(10)]
+    if dataset == "fashion_mnist":
+        return list(FASHION_MNIST_NAMES)
+    if dataset in CIFAR_META:
+        name, key = CIFAR_META[dataset]
+        try:
+            with open(root / CIFAR_FOLDERS[dataset] / name, "rb") as f:
+                return [str(n) for n in pickle.load(f, encoding="latin1")[key]]
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+            return [str(i) for i in range(SMALL_DATASETS[dataset].classes)]
+    if dataset == "imagenet":
+        lines = re.findall(r"^\d+ (n\d{8})(?: (.*))?$", (root / "synsets.txt").read_text(), re.MULTILINE)
+        return [words.strip() or wnid for wnid, words in lines]
+    from torchvision.datasets.folder import find_classes
+
+    return find_classes(str(root / "train"))[0]
+
+
+Samples = dict[str, list[tuple[str, int]]]  # split -> (path relative to <root>/<split>, label)
+
+
+def read_file_lists(root: Path) -> tuple[Samples, int]:
+    """prepare-imagenet's DEST/train.txt and val.txt, and the class count from synsets.txt's labels."""
+    synsets = root / "synsets.txt"
+    try:
+        text = synsets.read_text()
+    except OSError as err:
+        raise UserError(f"{synsets}: missing or unreadable ({err.strerror}); re-run make prepare-imagenet") from err
+    # "<label> <wnid> <words>" per class; a line that is not one (words of an older devkit parse) is no class.
+    labels = [int(m[1]) for m in re.finditer(r"^(\d+) n\d{8}(?: |$)", text, re.MULTILINE)]
+    if not labels or labels != list(range(len(labels))):
+        raise UserError(f"{synsets}: expected lines '<label> <wnid> <words>' with labels 0, 1, 2, ...; "
+                        f"re-run make prepare-imagenet")
+    num_classes = len(labels)
+    samples = {}
+    for split in ("train", "val"):
+        list_path = root / f"{split}.txt"
+        try:
+            lines = list_path.read_text().splitlines()
+        except OSError as err:
+            raise UserError(f"{list_path}: unreadable file list ({err.strerror}); re-run make prepare-imagenet") from err
+        samples[split] = []
+        for number, line in enumerate(lines, start=1):
+            path, _, label = line.rpartition(" ")
+            if not (path and label.isdigit() and int(label) < num_classes):
+                raise UserError(f"{list_path}: line {number} is not '<path> <label>' with a label below the "
+                                f"{num_classes} classes of {synsets.name}: {line[:200]!r}; re-run make prepare-imagenet")
+            samples[split].append((path, int(label)))
+    return samples, num_classes
+
+
+def scan_folders(root: Path) -> tuple[Samples, int]:
+    """Any ImageFolder layout: root/train/<class>/*, root/val/<class>/*, classes named by train/."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"{root / split}: missing; data.dataset=folder expects train/ and val/ class folders")
+    classes, class_to_idx = find_classes(str(root / "train"))
+    samples = {}
+    for split in ("train", "val"):
+        try:
+            found = make_dataset(str(root / split), class_to_idx, IMG_EXTENSIONS, allow_empty=split == "val")
+        except FileNotFoundError as err:
+            raise UserError(f"{root / split}: {err}") from err
+        samples[split] = [(str(Path(path).relative_to(root / split)), label) for path, label in found]
+    return samples, len(classes)
+
+
+def check_prepared(root: Path) -> None:
+    if not (root / COMPLETE_MARKER).is_file():
+        raise UserError(
+            f"{root}: not a finished prepare-imagenet output (no {COMPLETE_MARKER} marker). "
+            f"Run: make prepare-imagenet SRC=<archives> DEST={root}"
+        )
+
+
+def unreadable_image(path: Path | str, reason: str) -> UserError:
+    """One bad file in a 1.2M-image set: name it, say how to check the rest and how to go on."""
+    return UserError(
+        f"{path}: unreadable image ({reason}). Replace the file, or check the whole dataset with "
+        f"`make prepare-imagenet SRC=<archives> DEST=<data.root> VERIFY=decode`; then run the same command again, "
+        f"it continues from the newest checkpoint in run.out_dir"
+    )
+
+
+def read_image(path: Path) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    return decode_image(str(path), mode=ImageReadMode.RGB)
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` does not decode as an RGB image, or None if it does."""
+    try:
+        read_image(path)
+    except (RuntimeError, OSError) as err:
+        return decode_error_text(err)
+    return None
+
+
+def decode_error_text(err: Exception) -> str:
+    """torchvision's message without its C++ source location ("decode_image, .../x.cpp:61, ")."""
+    return re.sub(r"^\w+, \S+:\d+, ", "", str(err))

@@ -1,0 +1,111 @@
+"""The rules every loader follows: which images a rank gets in which order, their augmentation
+seeds, the per-epoch train size, and normalisation on the device.
+
+- train: a fresh permutation per epoch from (seed, epoch), split across ranks like
+  DistributedSampler (drop_last), and startable mid-epoch for exact resume; each image's
+  augmentation is seeded by (seed, epoch, image index), so it does not depend on workers,
+  ranks or restarts;
+- val: contiguous shards from `shard_range`, no padding, no repeats: each image counted once.
+
+    sampler = TrainSampler(num_images, dist, seed=0, batch_size=256)
+    sampler.set_position(epoch=3, start_step=100, size=train_image_size(cfg.data, 3))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch.utils.data import DistributedSampler
+
+from imagenet_resnet.config import DataConfig
+from imagenet_resnet.distributed import DistInfo
+
+class Loader(Protocol):
+    num_images: int  # images in this split over all ranks (val: each counted once)
+    steps_per_epoch: int  # batches this rank yields in a full epoch
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def state(self) -> Any:
+        """What an exact mid-epoch resume needs beyond (epoch, step); None where those suffice
+        (per-image augmentation seeds). DALI's own random state is the exception."""
+        return None
+
+    def restore(self, state: Any) -> None:
+        """Take a `state()` saved in a checkpoint; it applies if set_position is then where it was taken."""
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """This rank's contiguous share of n items; shares differ by at most one, none repeats."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) & 0x7FFF_FFFF_FFFF
+
+
+@dataclass
+class Normalizer:
+    """uint8 NCHW batch on the device -> normalised float in the model's dtype and layout."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    dtype: torch.dtype
+    channels_last: bool
+
+    @classmethod
+    def create(cls, mean, std, device, dtype, channels_last) -> Normalizer:
+        shape = (1, len(mean), 1, 1)
+        scale = torch.tensor(std, device=device).view(shape) * 255
+        return cls(torch.tensor(mean, device=device).view(shape) * 255, scale, dtype, channels_last)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return ((images.float() - self.mean) / self.std).to(self.dtype)
+
+
+def train_image_size(data: DataConfig, epoch: int) -> int:
+    """The train crop of `epoch`: progressive resizing as FFCV does it (start size until the ramp's
+    first epoch, then linear in the epoch, rounded to a multiple of 32 px, full size from its last)."""
+    start_size, (first, last) = data.start_image_size, data.resize_ramp_epochs
+    if not start_size or epoch >= last:
+        return data.image_size
+    if epoch <= first:
+        return start_size
+    size = start_size + (data.image_size - start_size) * (epoch - first) / (last - first)
+    return min(max(round(size / 32) * 32, start_size), data.image_size)
+
+
+def val_image_size(data: DataConfig) -> int:
+    return data.val_image_size or data.image_size
+
+
+class TrainSampler(DistributedSampler):
+    """DistributedSampler (shuffle, drop_last) that starts mid-epoch; yields (index, aug seed, size)."""
+
+    def __init__(self, num_images: int, dist: DistInfo, seed: int, batch_size: int) -> None:
+        super().__init__(range(num_images), dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size = batch_size
+        self.steps_per_epoch = self.num_samples // batch_size
+        self.start = 0
+        self.size = 0  # the epoch's train crop, carried in each key to the worker processes
+
+    def set_position(self, epoch: int, start_step: int = 0, size: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.start = start_step * self.batch_size
+        self.size = size
+
+    def indices(self) -> list[int]:
+        """This rank's indices for the rest of the epoch, whole batches only."""
+        return list(super().__iter__())[self.start : self.steps_per_epoch * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return iter([(i, augmentation_seed(self.seed, self.epoch, i), self.size) for i in self.indices()])
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch * self.batch_size - self.start)

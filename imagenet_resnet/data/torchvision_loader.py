@@ -1,0 +1,105 @@
+"""Image folders through a torchvision DataLoader: JPEG decode and augmentation in worker
+processes, batches normalised on the device.
+
+    train, val = build_torchvision_loaders(cfg, dist, normalize, samples)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from imagenet_resnet.config import Config
+from imagenet_resnet.data.datasets import Samples, decode_error_text, read_image, unreadable_image
+from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, shard_range, train_image_size
+from imagenet_resnet.data.transforms import train_transform, val_transform
+from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.errors import UserError
+
+class ImageFileDataset(Dataset):
+    """JPEG files decoded by torchvision.io into uint8 CHW; keys are (index, augmentation seed, size),
+    `transform_for(size)` the augmentation at that size.
+
+    Yields (image, label, error): a file that does not decode gives a blank image and its error
+    text, which the loader raises in the main process (a worker's exception would arrive as a
+    traceback of the worker instead).
+    """
+
+    def __init__(self, folder: Path, samples: list[tuple[str, int]], transform_for: Callable[[int], Callable]) -> None:
+        self.folder, self.samples, self.transform_for = folder, samples, transform_for
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, str]:
+        index, seed, size = key
+        path, label = self.samples[index]
+        torch.manual_seed(seed)  # transforms v2 draw from the global generator of this worker
+        try:
+            image, error = read_image(self.folder / path), ""
+        except (RuntimeError, OSError) as err:
+            error = str(unreadable_image(self.folder / path, decode_error_text(err)))
+            image = torch.zeros(3, 1, 1, dtype=torch.uint8)
+        return self.transform_for(size)(image), label, error
+
+
+class HostLoader(Loader):
+    """A torchvision DataLoader whose batches are moved to the device and normalised there."""
+
+    def __init__(self, loader: DataLoader, normalize: Normalizer, device, num_images, steps_per_epoch,
+                 size_for: Callable[[int], int] = lambda epoch: 0) -> None:
+        self.loader, self.normalize, self.device = loader, normalize, device
+        self.num_images, self.steps_per_epoch, self.size_for = num_images, steps_per_epoch, size_for
+        self.set_position(0)
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        if isinstance(self.loader.sampler, TrainSampler):
+            self.loader.sampler.set_position(epoch, start_step, self.size_for(epoch))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, errors in self.loader:
+            error = next((e for e in errors if e), None)
+            if error:
+                raise UserError(error)
+            images = images.to(self.device, non_blocking=True)
+            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+
+
+def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer,
+                              samples: Samples) -> tuple[HostLoader, HostLoader]:
+    root = Path(cfg.data.root)
+    train_samples, val_samples = samples["train"], samples["val"]
+    train_tf = {}  # per size, built in each worker when first needed
+
+    def train_for(size: int) -> Callable:
+        if size not in train_tf:
+            train_tf[size] = train_transform(cfg.data, size)
+        return train_tf[size]
+
+    val_tf = val_transform(cfg)
+    pin = dist.device.type == "cuda"
+    workers = cfg.data.workers
+
+    def make(split, samples, transform, sampler, drop_last):
+        loader = DataLoader(
+            ImageFileDataset(root / split, samples, transform),
+            batch_size=cfg.data.batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            drop_last=drop_last,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )
+        return loader
+
+    sampler = TrainSampler(len(train_samples), dist, cfg.run.seed, cfg.data.batch_size)
+    train = HostLoader(make("train", train_samples, train_for, sampler, True), normalize, dist.device,
+                       len(train_samples), sampler.steps_per_epoch, lambda epoch: train_image_size(cfg.data, epoch))
+    shard = [(i, 0, 0) for i in shard_range(len(val_samples), dist.rank, dist.world_size)]
+    val = HostLoader(make("val", val_samples, lambda size: val_tf, shard, False), normalize, dist.device,
+                     len(val_samples), -(-len(shard) // cfg.data.batch_size))
+    return train, val

@@ -1,0 +1,224 @@
+"""The recipe extras (issue 13): each key changes what it should, against the formula or a hand
+computation, and a run with all of them stopped at a random moment resumes exactly."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import REPO, run_module
+from data_prep.generate import generate_cifar
+from imagenet_resnet.checkpoint import load_file
+from imagenet_resnet.config import DataConfig, OptimConfig, ScheduleConfig, load_config
+from imagenet_resnet.data import build_loaders, train_image_size
+from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.metrics import read_metrics
+from imagenet_resnet.models import build_model
+from imagenet_resnet.optim import Schedule, build_optimizer
+from imagenet_resnet.trainer import evaluate
+from test_fault_tolerance import EXACT_KEYS, finish, kill_when, start, wait_for
+
+CPU = DistInfo(0, 0, 1, torch.device("cpu"))
+
+
+# --- optimizers: the update against its formula ----------------------------------------------
+
+
+def one_step(name: str, **optim) -> tuple[nn.Module, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A Linear + BatchNorm net after one step of `name` from fixed gradients: (net, before, grads)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    opt = build_optimizer(net, OptimConfig(name=name, momentum=0.0, weight_decay=0.1, **optim), lr=0.5)
+    grads = {}
+    for k, p in net.named_parameters():
+        p.grad = torch.randn_like(p)
+        grads[k] = p.grad.clone()
+    opt.step()
+    return net, before, grads
+
+
+def test_lars_scales_decayed_weights_by_the_trust_ratio_and_leaves_norms_and_biases_plain():
+    net, before, grads = one_step("lars", lars_trust_coeff=0.02)
+    after = dict(net.named_parameters())
+    w, g = before["0.weight"], grads["0.weight"]
+    trust = 0.02 * w.norm() / (g.norm() + 0.1 * w.norm())  # You et al. 2017, as MLPerf's reference computes it
+    assert torch.allclose(after["0.weight"], w - 0.5 * trust * (g + 0.1 * w), atol=1e-6)
+    for plain in ("0.bias", "1.weight", "1.bias"):  # no decay, no trust ratio
+        assert torch.allclose(after[plain], before[plain] - 0.5 * grads[plain], atol=1e-6)
+
+
+def test_lamb_adapts_only_decayed_weights():
+    net, before, grads = one_step("lamb")
+    after = dict(net.named_parameters())
+    clip = max(1.0, math.sqrt(sum(float(g.norm() ** 2) for g in grads.values())))  # LAMB's global grad-norm clip
+    for plain in ("0.bias", "1.weight", "1.bias"):  # first Adam step: g / |g| per element, lr 0.5, no trust ratio
+        g = grads[plain] / clip
+        assert torch.allclose(after[plain], before[plain] - 0.5 * g / (g.abs() + 1e-6), atol=1e-5)
+    w, g = before["0.weight"], grads["0.weight"] / clip
+    update = g / (g.abs() + 1e-6) + 0.1 * w
+    assert torch.allclose(after["0.weight"], w - 0.5 * (w.norm() / update.norm()) * update, atol=1e-5)
+
+
+def test_linear_and_poly_schedules():
+    linear = Schedule.from_config(ScheduleConfig(epochs=10, kind="linear", warmup_epochs=2, warmup_start_factor=1e-4), 10)
+    assert linear.factor(0) == pytest.approx(1e-4) and linear.factor(20) == 1.0
+    assert linear.factor(60) == pytest.approx(0.5) and linear.factor(100) == 0.0  # FFCV: straight down to zero
+    poly = Schedule.from_config(ScheduleConfig(epochs=10, kind="poly", poly_power=2.0, warmup_epochs=2), 10)
+    assert poly.factor(10) == pytest.approx(0.5) and poly.factor(60) == pytest.approx(0.25)  # (1 - 0.5)^2
+
+
+def test_train_size_follows_ffcv_progressive_resizing():
+    data = DataConfig(dataset="imagenet", image_size=192, start_image_size=160, resize_ramp_epochs=[65, 76])
+
+    def ffcv(epoch: int) -> int:  # ffcv-imagenet's get_resolution, written out again
+        if epoch <= 65:
+            return 160
+        if epoch >= 76:
+            return 192
+        return int(np.round(np.interp([epoch], [65, 76], [160, 192])[0] / 32)) * 32
+
+    assert [train_image_size(data, e) for e in range(88)] == [ffcv(e) for e in range(88)]
+    assert train_image_size(DataConfig(dataset="imagenet", image_size=176), 3) == 176  # off: always image_size
+
+
+# --- what the data keys change ----------------------------------------------------------------
+
+
+def loaders(root: Path, loader: str, *overrides: str):
+    cfg = load_config("configs/imagenet_resnet18.yaml", [f"data.root={root}", f"data.loader={loader}", "data.workers=1",
+                                                          "data.batch_size=4", "data.image_size=64", *overrides])
+    return build_loaders(cfg, CPU, torch.float32)
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_train_and_val_sizes_per_epoch_and_randaugment(imagenet_root, loader):
+    train, val, _ = loaders(imagenet_root, loader, "data.start_image_size=32", "data.resize_ramp_epochs=[1,2]",
+                            "data.val_image_size=96", "data.val_crop_fraction=0.95")
+    sizes = []
+    for epoch in range(3):
+        train.set_position(epoch)
+        sizes.append(next(iter(train))[0].shape[-1])
+    assert sizes == [32, 32, 64] and next(iter(val))[0].shape[-2:] == (96, 96)
+    plain, _, _ = loaders(imagenet_root, loader)
+    augmented, _, _ = loaders(imagenet_root, loader, "data.randaugment_n=2", "data.randaugment_m=15")
+    for each in (plain, augmented):
+        each.set_position(0)
+    first, second = next(iter(plain)), next(iter(augmented))
+    assert torch.equal(first[1], second[1]) and not torch.equal(first[0], second[0])  # same images, augmented
+
+
+@torch.no_grad()
+def test_flip_tta_is_the_mean_of_two_evaluations():
+    torch.manual_seed(0)
+    net = build_model("resnet18", 5).eval()
+    images, labels = torch.randn(6, 3, 32, 32), torch.arange(6) % 5
+    tta = evaluate(net, [(images, labels)], None, torch.device("cpu"), flip_tta=True)
+    mean = (net(images) + net(images.flip(3))) / 2
+    assert tta["val_loss"] == pytest.approx(nn.functional.cross_entropy(mean, labels).item(), rel=1e-6)
+    assert evaluate(net, [(images, labels)], None, torch.device("cpu"))["val_loss"] == pytest.approx(
+        nn.functional.cross_entropy(net(images), labels).item(), rel=1e-6)
+
+
+def test_drop_path_and_blurpool_build_timms_resnet_with_torchvisions_keys():
+    import torchvision
+    from timm.layers import BlurPool2d, DropPath
+
+    net = build_model("resnet50", 10, drop_path=0.05, blurpool=True)
+    assert sum(isinstance(m, BlurPool2d) for m in net.modules()) == 4  # stem max-pool, stride-2 block of stages 2-4
+    assert max(m.drop_prob for m in net.modules() if isinstance(m, DropPath)) == pytest.approx(0.05)
+    plain_keys = set(torchvision.models.resnet50(num_classes=10).state_dict())
+    assert set(build_model("resnet50", 10, drop_path=0.05).state_dict()) == plain_keys  # same layers, same names
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+# --- EMA and fp16, through the trainer --------------------------------------------------------
+
+
+def test_ema_is_the_average_of_the_weights_after_each_step(cifar_root, tmp_path):
+    start_weights = tmp_path / "w0.pt"
+    torch.save(build_model("cifar_resnet20", 10).state_dict(), start_weights)
+    out = tmp_path / "run"
+    run_module("imagenet_resnet.train", "--config", "configs/cifar10_resnet20.yaml", f"data.root={cifar_root}",
+               f"run.out_dir={out}", "schedule.epochs=1", "data.batch_size=300", "run.checkpoint_every_steps=1",
+               f"model.init_from={start_weights}", "model.ema_decay=0.75", "wandb.mode=disabled")
+    w0 = torch.load(start_weights, weights_only=True)
+    step1, step2 = load_file(out / "last.pt.prev"), load_file(out / "last.pt")  # after steps 1 and 2
+    assert (step1["position"]["global_step"], step2["position"]["global_step"]) == (1, 2)
+    for name, param in build_model("cifar_resnet20", 10).named_parameters():
+        ema1 = 0.75 * w0[name] + 0.25 * step1["model"][name]
+        ema2 = 0.75 * ema1 + 0.25 * step2["model"][name]
+        assert torch.allclose(step1["model_ema"][name], ema1, atol=1e-6)
+        assert torch.allclose(step2["model_ema"][name], ema2, atol=1e-6)
+    records = read_metrics(out)
+    assert {"val_top1_ema", "val_top5_ema"} <= records[0].keys()
+    best = load_file(out / "best.pt")
+    assert best["best_weights"] in ("model", "ema") and "model_ema" in best
+    evaluated = run_module("imagenet_resnet.evaluate", "--config", str(out / "config.yaml"), "--checkpoint",
+                           str(out / "best.pt"), "--weights", "ema").stdout.splitlines()[-1]
+    assert '"weights": "ema"' in evaluated and f'"val_top1": {records[0]["val_top1_ema"]}' in evaluated
+
+
+def test_fp16_skips_overflowing_steps_and_resumes_with_its_scaler(tmp_path):
+    root = generate_cifar(tmp_path / "cifar", "cifar10", train_per_class=2, val_per_class=1)  # fp16 is slow on a CPU
+    args = ["-m", "imagenet_resnet.train", "--config", "configs/cifar10_resnet20.yaml", f"data.root={root}",
+            "data.batch_size=10", "schedule.epochs=2", "run.precision=fp16", "run.loss_scale=1e9",  # fp16 grads overflow
+            "run.log_every_steps=1", "wandb.mode=disabled"]
+    finish(start([sys.executable, *args, f"run.out_dir={tmp_path / 'straight'}"]))
+    stopped = start([sys.executable, *args, f"run.out_dir={tmp_path / 'resumed'}"])
+    wait_for(stopped, "epoch 1 step 1/")
+    stopped.send_signal(signal.SIGTERM)
+    assert "stopped by SIGTERM at epoch 1" in finish(stopped)
+    state = load_file(tmp_path / "resumed" / "last.pt")
+    assert state["position"]["epoch"] == 1 and state["position"]["step_in_epoch"] >= 1  # stopped inside epoch 1
+    assert state["scaler"]["scale"] < 1e9  # overflowing steps were skipped and the scale lowered, not a NaN stop
+    finish(start([sys.executable, *args, f"run.out_dir={tmp_path / 'resumed'}"]))
+    assert exact(read_metrics(tmp_path / "resumed")) == exact(read_metrics(tmp_path / "straight"))
+
+
+# --- everything at once, killed and restarted -------------------------------------------------
+
+ALL_EXTRAS = ["model.name=resnet18", "model.ema_decay=0.9", "model.drop_path=0.1",
+              "optim.name=lamb", "optim.loss=bce", "optim.bce_target_threshold=0.2", "optim.base_lr=0.004",
+              "optim.weight_decay=0.02", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "data.randaugment_n=2",
+              "data.randaugment_m=9", "data.start_image_size=16", "data.image_size=32", "data.resize_ramp_epochs=[0,1]",
+              "data.val_image_size=48", "data.val_crop_fraction=0.95", "data.val_flip_tta=true", "schedule.kind=cosine",
+              "schedule.epochs=2", "schedule.warmup_epochs=0.5", "data.workers=1", "run.log_every_steps=1",
+              "run.checkpoint_every_steps=3", "wandb.mode=disabled"]
+
+
+def exact(records: list[dict]) -> list[dict]:
+    keys = EXACT_KEYS + ("val_top1_ema", "val_top5_ema", "val_loss_ema", "train_image_size")
+    return [{k: r[k] for k in keys if k in r} for r in records]
+
+
+def extras_cmd(nproc: int, root: Path, out: Path, loader: str) -> list[str]:
+    args = ["--config", "configs/imagenet_resnet18.yaml", f"data.root={root}", f"data.loader={loader}",
+            f"data.batch_size={8 // nproc}", f"run.out_dir={out}", *ALL_EXTRAS]
+    if nproc == 1:
+        return [sys.executable, "-m", "imagenet_resnet.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "imagenet_resnet.train", *args]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1proc", "2proc"])
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_all_extras_killed_mid_epoch_resume_exactly(imagenet_root, tmp_path, loader, nproc):
+    finish(start(extras_cmd(nproc, imagenet_root, tmp_path / "reference", loader)))
+    expected = exact(read_metrics(tmp_path / "reference"))
+    assert [r["train_image_size"] for r in expected] == [16, 32] and "val_top1_ema" in expected[0]
+    out = tmp_path / "run"
+    rng = random.Random(f"{loader}{nproc}")
+    kill_when(start(extras_cmd(nproc, imagenet_root, out, loader)), f"epoch {rng.choice([0, 1])} step 4/",
+              rng.uniform(0.0, 1.0))
+    finish(start(extras_cmd(nproc, imagenet_root, out, loader)))
+    assert exact(read_metrics(out)) == expected
