@@ -90,6 +90,25 @@ def test_train_size_follows_ffcv_progressive_resizing():
     assert train_image_size(DataConfig(dataset="imagenet", image_size=176), 3) == 176  # off: always image_size
 
 
+def test_bce_and_mixing_targets():
+    from imagenet_resnet.data.mixing import build_mixing
+    from imagenet_resnet.optim import build_loss
+
+    logits, labels = torch.randn(4, 5), torch.tensor([0, 3, 1, 3])
+    bce = build_loss(OptimConfig(loss="bce", label_smoothing=0.1), soft_targets=False)
+    target = torch.full((4, 5), 0.1 / 5).scatter_(1, labels[:, None], 1 - 0.1 + 0.1 / 5)
+    assert bce(logits, labels).item() == pytest.approx(nn.functional.binary_cross_entropy_with_logits(logits, target).item())
+    np.random.seed(0)
+    cfg = load_config(None, ["data.mixup_alpha=0.2", "optim.label_smoothing=0.1", "data.batch_size=4"])
+    images = torch.randn(4, 3, 8, 8)
+    mixed, soft = build_mixing(cfg, 5)(images.clone(), labels)
+    off, on = 0.1 / 5, 1 - 0.1 + 0.1 / 5  # smoothing folded into each side's one-hot
+    lam = (soft[0, 0].item() - off) / (on - off)  # image 0 (label 0) mixed with image 3 (label 3)
+    assert torch.allclose(soft, lam * target + (1 - lam) * target.flip(0), atol=1e-6)
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.flip(0), atol=1e-5)
+    assert build_mixing(load_config(None, []), 5) is None  # 0 = off
+
+
 # --- what the data keys change ----------------------------------------------------------------
 
 
