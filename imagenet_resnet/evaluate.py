@@ -19,7 +19,7 @@ from imagenet_resnet.cli import existing_file, parse, parser, run_main
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import init_distributed, shutdown
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.inference import WEIGHTS
+from imagenet_resnet.inference import WEIGHTS, weights_of
 from imagenet_resnet.trainer import amp_dtype, build_network, evaluate
 
 
@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         net = build_network(cfg, num_classes, dist)
         state = load_file(args.checkpoint)
         weights = args.weights or state.get("best_weights", "model")
-        if WEIGHTS[weights] not in state:
-            raise UserError(f"{args.checkpoint}: holds no EMA weights (trained with model.ema_decay=0); use --weights model")
         try:
-            unwrap(net).load_state_dict(state[WEIGHTS[weights]])
+            unwrap(net).load_state_dict(weights_of(state, weights, args.checkpoint))
         except RuntimeError as err:
             raise UserError(f"{args.checkpoint}: does not fit model {cfg.model.name} with {num_classes} classes: {err}") from err
         result = evaluate(net, val_loader, dtype, dist.device, cfg.data.val_flip_tta)

@@ -54,17 +54,22 @@ class Trained:
         return (batch - mean) / std
 
 
+def weights_of(state: dict, weights: str, path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's model or EMA state_dict; UserError if it has no EMA."""
+    if WEIGHTS[weights] not in state:
+        raise UserError(f"{path}: holds no EMA weights (trained with model.ema_decay=0); use --weights model")
+    return state[WEIGHTS[weights]]
+
+
 def load_trained(path: Path, weights: str = "model") -> Trained:
     """The network of a checkpoint written by training, with its model or EMA weights."""
     state = load_file(path)
-    if WEIGHTS[weights] not in state:
-        raise UserError(f"{path}: holds no EMA weights (trained with model.ema_decay=0); use --weights model")
     cfg = config_from_dict(state["config"], str(path))
     num_classes = state["num_classes"]
     net = build_model(cfg.model.name, num_classes, in_chans=input_channels(cfg.data.dataset),
                       drop_path=cfg.model.drop_path, blurpool=cfg.model.blurpool)
     try:
-        net.load_state_dict(state[WEIGHTS[weights]])
+        net.load_state_dict(weights_of(state, weights, path))
     except RuntimeError as err:
         raise UserError(f"{path}: its weights do not fit {cfg.model.name} with {num_classes} classes "
                         f"({str(err).splitlines()[0]})") from err

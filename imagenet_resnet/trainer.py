@@ -131,6 +131,7 @@ class Trainer:
         self.amp = amp_dtype(cfg, dist.device)
         torch.manual_seed(cfg.run.seed + dist.rank)
         self.train_loader, self.val_loader, self.num_classes = build_loaders(cfg, dist, self.amp or torch.float32)
+        self.class_names = class_names(cfg) if dist.is_main else []  # saved for predict and export
         self.net = build_network(cfg, self.num_classes, dist)
         state, path = self._find_checkpoint()
         # Fine-tuning: pretrained weights only for a fresh start; a resumed run has its own.
@@ -330,7 +331,7 @@ class Trainer:
                 "loader": loader,
                 "config": config_to_dict(self.cfg),
                 "num_classes": self.num_classes,
-                "class_names": class_names(self.cfg),  # for predict and export; not needed to resume
+                "class_names": self.class_names,
                 "world_size": self.dist.world_size,
                 "global_batch": self.global_batch,
             }
