@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagenet_resnet.cli import run_main
+from imagenet_resnet.cli import existing_file, run_main
 from imagenet_resnet.errors import UserError
 
 LAST = "last.pt"
@@ -188,11 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Convert an older checkpoint so it loads with weights_only=True.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upgrade", help="rewrite FILE in place (only for checkpoints you trust)")
-    up.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    args = p.parse_args(argv)
-    for path in args.files:
-        if not path.is_file():
-            raise UserError(f"{path}: checkpoint not found")
+    up.add_argument("files", nargs="+", type=existing_file, metavar="FILE")
+    for path in p.parse_args(argv).files:
         upgrade(path)
 
 

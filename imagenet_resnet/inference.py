@@ -20,7 +20,7 @@ from torch import nn
 
 from imagenet_resnet.checkpoint import load_file
 from imagenet_resnet.config import Config, config_from_dict
-from imagenet_resnet.data import class_names, input_channels, normalization, val_transform
+from imagenet_resnet.data import Normalizer, class_names, input_channels, normalization, val_transform
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.models import build_model
 
@@ -48,10 +48,8 @@ class Trained:
 
     def preprocess(self, images: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
         """Decoded uint8 CHW images of any size -> one normalised float batch on `device`."""
-        batch = torch.stack([self.transform(image) for image in images]).to(device).float()
-        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1) * 255
-        return (batch - mean) / std
+        batch = torch.stack([self.transform(image) for image in images]).to(device)
+        return Normalizer.create(self.mean, self.std, device, torch.float32, channels_last=False)(batch)
 
 
 def weights_of(state: dict, weights: str, path: Path) -> dict[str, torch.Tensor]:
