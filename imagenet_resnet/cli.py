@@ -30,6 +30,8 @@ def positive_int(text: str) -> int:
 
 
 def existing_file(text: str) -> Path:
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; expected a file")
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     return Path(text)

@@ -318,5 +318,10 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(sections: dict[str, Any]) -> dict[str, Any]:
+    """{"optim": {"momentum": 0.9}} -> {"optim.momentum": 0.9}."""
+    return {f"{section}.{key}": value for section, keys in sections.items() for key, value in keys.items()}
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))

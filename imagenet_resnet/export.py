@@ -1,13 +1,18 @@
 """Hand a trained model to other tools: safetensors weights, TorchScript or ONNX.
 
-- safetensors: the state_dict under the keys of the torchvision/timm model of that name, so
-  `torchvision.models.resnet50(num_classes=N).load_state_dict(load_file(f))` or
-  `timm.create_model("seresnet50", num_classes=N)` loads it strictly (CIFAR ResNets: this
-  project's `build_model`); the metadata names the model, the classes and the source.
+- safetensors: the state_dict, and in the metadata the architecture (model name and options)
+  and `loads_into`, the library call that builds the same network: e.g.
+  `torchvision.models.resnet50(num_classes=N)`, `timm.create_model('seresnet50', num_classes=N)`,
+  timm's ResNet with `aa_layer=BlurPool2d` for a BlurPool model (which torchvision's ResNet
+  would load without complaint and compute wrongly), this project's `build_model` for CIFAR ResNets.
 - torchscript: a traced module taking normalised NCHW float batches (torch.jit is deprecated
   upstream but still what C++ and older serving stacks load).
 - onnx: PyTorch's exporter (dynamo), batch dimension dynamic; checked against PyTorch with
   onnxruntime when that is installed.
+
+`--out` is a new file or an existing regular file you may write, never the checkpoint itself,
+a link, a device or a FIFO; the result is renamed into place, with the mode a new file gets
+under the umask (an existing file keeps its own).
 
 The input every format expects is what evaluation feeds: `size` x `size` after its resize and
 centre crop, normalised by the mean/std in the printed summary.
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,8 +44,12 @@ def export_safetensors(trained: Trained, example: torch.Tensor, out: Path) -> No
     from safetensors.torch import save_file
 
     state = {k: v.contiguous() for k, v in trained.net.state_dict().items()}
+    model = trained.cfg.model
+    architecture = {"model": model.name, "in_chans": trained.channels, "drop_path": model.drop_path,
+                    "blurpool": model.blurpool}
     save_file(state, str(out), metadata={
-        "model": trained.cfg.model.name, "num_classes": str(len(trained.names)), "weights": trained.weights,
+        "model": model.name, "architecture": json.dumps(architecture), "loads_into": trained.loads_into,
+        "num_classes": str(len(trained.names)), "weights": trained.weights,
         "class_names": json.dumps(trained.names), "input_size": str(example.shape[-1]),
         "mean": json.dumps(trained.mean), "std": json.dumps(trained.std),
     })
@@ -92,24 +103,48 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="the file to write")
     p.add_argument("--weights", choices=tuple(WEIGHTS), default="model", help="ema: the averaged weights, if trained with them")
     args = p.parse_args(argv)
-    if args.out.is_dir():
-        raise UserError(f"--out {args.out}: is a folder; expected a file name")
-    if not args.out.parent.is_dir():
-        raise UserError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    mode = output_mode(args.out, args.checkpoint)
     trained = load_trained(args.checkpoint, args.weights)
     example = torch.zeros(1, trained.channels, trained.size, trained.size)
-    tmp = args.out.with_name(f".{args.out.name}.partial")  # a failed export leaves no file that looks finished
+    # Written beside --out under a new name, then renamed: a failed export leaves no file that looks finished.
+    fd, name = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
     try:
         with torch.no_grad():
             EXPORTERS[args.format](trained, example, tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, args.out)
     except OSError as err:
         raise UserError(f"--out {args.out}: could not write ({err.strerror or err})") from err
     finally:
         tmp.unlink(missing_ok=True)
     print(f"wrote {args.out}: {trained.cfg.model.name} ({trained.weights} weights), {len(trained.names)} classes, "
-          f"input {trained.channels}x{trained.size}x{trained.size} normalised with mean {trained.mean} std {trained.std}",
-          flush=True)
+          f"input {trained.channels}x{trained.size}x{trained.size} normalised with mean {trained.mean} std {trained.std}; "
+          f"the same network as {trained.loads_into}", flush=True)
+
+
+def output_mode(out: Path, checkpoint: Path) -> int:
+    """The mode to give the exported file; UserError unless `out` is a new name in an existing
+    folder, or an existing regular file that may be written and is not the checkpoint."""
+    if out.is_symlink():
+        raise UserError(f"--out {out}: is a symbolic link; give the file's own path (export does not write through links)")
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: folder {out.parent} does not exist")
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+    st = out.stat()
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"--out {out}: is a folder; expected a file name")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"--out {out}: is not a regular file (a device, FIFO or socket); give a file name")
+    if os.path.samefile(out, checkpoint):
+        raise UserError(f"--out {out}: is the checkpoint being exported; give another file name")
+    if not st.st_mode & 0o222 or not os.access(out, os.W_OK):
+        raise UserError(f"--out {out}: is read-only; make it writable or give another file name")
+    return stat.S_IMODE(st.st_mode)
 
 
 if __name__ == "__main__":

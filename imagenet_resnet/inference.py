@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from imagenet_resnet.checkpoint import load_file
 from imagenet_resnet.config import Config, config_from_dict
 from imagenet_resnet.data import Normalizer, class_names, input_channels, normalization, val_transform
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.models import build_model
+from imagenet_resnet.models import build_model, library_constructor
 
 WEIGHTS = {"model": "model", "ema": "model_ema"}  # --weights choice -> checkpoint key
 
@@ -38,6 +38,12 @@ class Trained:
     std: tuple[float, ...]
 
     @property
+    def loads_into(self) -> str:
+        """The library call that builds this network (for the exported weights)."""
+        model = self.cfg.model
+        return library_constructor(model.name, len(self.names), self.channels, model.drop_path, model.blurpool)
+
+    @property
     def channels(self) -> int:
         return len(self.mean)
 
@@ -46,8 +52,9 @@ class Trained:
         """Side of the square input that evaluation feeds the network."""
         return self.transform(torch.zeros(self.channels, 64, 64, dtype=torch.uint8)).shape[-1]
 
-    def preprocess(self, images: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-        """Decoded uint8 CHW images of any size -> one normalised float batch on `device`."""
+    def preprocess(self, images: Iterable[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Decoded uint8 CHW images of any size -> one normalised float batch on `device` (from a
+        generator, each image is cropped before the next is made)."""
         batch = torch.stack([self.transform(image) for image in images]).to(device)
         return Normalizer.create(self.mean, self.std, device, torch.float32, channels_last=False)(batch)
 

@@ -6,7 +6,11 @@ allocation still runs) stops before touching anything, naming the holder. A hold
 not moved for `timeout_s`. That is judged by watching the file, not by comparing clocks, so
 it holds on a filesystem shared by nodes whose clocks differ. On the holder's own host (same
 hostname and PID namespace) a process that is gone is recognised at once: a restart under
-torchrun or after a kill continues without waiting.
+torchrun or after a kill continues without waiting. A lease file that holds no lease record
+(garbled, truncated, hand-edited) counts as stale: it is taken over once it has not changed for
+`timeout_s`. One that cannot be read or replaced (a folder, a dangling link) stops the job with
+one line. Where the filesystem has no hard links (vfat, some FUSE stores) the lease is created
+with O_CREAT|O_EXCL instead.
 
     with hold_lease(Path("runs/x"), timeout_s=60) as lease:   # UserError if a live job holds it
         ...
@@ -16,6 +20,7 @@ torchrun or after a kill continues without waiting.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -53,9 +58,25 @@ def _process_gone(pid: int) -> bool:
         return False
 
 
+PID_MAX = 2**22  # Linux's largest PID
+
+
+def parse_record(raw: bytes) -> dict[str, Any] | None:
+    """A lease record from the file's bytes; None for anything else (not JSON, not UTF-8, not an
+    object, no sensible PID)."""
+    try:
+        record = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+    if not isinstance(record, dict):
+        return None
+    pid = record.get("pid")
+    return record if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < PID_MAX else None
+
+
 def describe(holder: dict[str, Any] | None) -> str:
     if holder is None:
-        return "a job whose lease file cannot be read"
+        return "a lease file that holds no lease record"
     job = f", Slurm job {holder['job']}" if holder.get("job") else ""
     return f"host {holder.get('host')} PID {holder.get('pid')}{job}, since {holder.get('since')}"
 
@@ -77,16 +98,15 @@ class Lease:
 
     # --- the file ---------------------------------------------------------------------------
 
-    def _read(self) -> tuple[str | None, dict[str, Any] | None]:
-        """(raw text or None if absent, parsed record or None if unreadable)."""
+    def _read(self) -> tuple[bytes | None, dict[str, Any] | None]:
+        """(raw bytes or None if absent, the record or None if it holds none); OSError if unreadable."""
         try:
-            text = self.path.read_text()
+            raw = self.path.read_bytes()
         except FileNotFoundError:
+            if os.path.lexists(self.path):
+                raise OSError(errno.ENOENT, "a symbolic link to nothing") from None
             return None, None
-        try:
-            return text, json.loads(text)
-        except ValueError:
-            return text, None
+        return raw, parse_record(raw)
 
     def _write_tmp(self) -> Path:
         tmp = self.path.with_name(f".{LEASE}.{self.record['token']}.tmp")
@@ -101,8 +121,25 @@ class Lease:
             return True
         except FileExistsError:
             return False
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            return self._create_exclusive()  # no hard links on this filesystem
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _create_exclusive(self) -> bool:
+        """O_CREAT|O_EXCL is atomic too, but a reader may see the file empty for a moment: that
+        reads as no record, and the file changes well within the timeout, so the reader waits."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.record))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
 
     def _replace(self) -> None:
         os.replace(self._write_tmp(), self.path)
@@ -110,14 +147,24 @@ class Lease:
     # --- taking and keeping it --------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Take the lease, waiting out a stale one; UserError naming a live holder."""
+        """Take the lease, waiting out a stale one; UserError naming a live holder, or saying why
+        the lease file cannot be used."""
+        try:
+            self._acquire()
+        except OSError as err:
+            raise UserError(f"{self.path}: cannot use this run folder's lease file ({err.strerror or err}). "
+                            f"Nothing was changed. If no job runs in {self.path.parent}, remove it") from err
+        self.renewed = time.monotonic()
+        self._thread.start()
+
+    def _acquire(self) -> None:
         while not self._create():
             text, holder = self._read()
             if text is None:
                 continue  # released meanwhile
             same_host = holder is not None and (holder.get("host"), holder.get("pid_namespace")) == (
                 self.record["host"], self.record["pid_namespace"])
-            if same_host and _process_gone(int(holder.get("pid", -1))):
+            if same_host and _process_gone(holder["pid"]):
                 reason = f"its process {holder.get('pid')} is gone"
             else:
                 now = self._changed_within(text)
@@ -128,16 +175,14 @@ class Lease:
                         f"{self.path.parent}: run folder in use by {describe(now[1])} (its lease {self.path} "
                         f"is renewed). Nothing was changed. Wait for that job to end or stop it, or use another "
                         f"run.out_dir; a job that died frees the folder {self.timeout_s:g} s after its last heartbeat")
-                reason = f"no heartbeat for {self.timeout_s:g} s"
+                reason = f"no heartbeat for {self.timeout_s:g} s" if holder else f"unchanged for {self.timeout_s:g} s"
             if self._read()[0] != text:
                 continue  # someone else moved first: look again
             self._replace()
             print(f"run folder lease: taken over from {describe(holder)} ({reason})", file=sys.stderr, flush=True)
             break
-        self.renewed = time.monotonic()
-        self._thread.start()
 
-    def _changed_within(self, text: str) -> tuple[str | None, dict[str, Any] | None] | None:
+    def _changed_within(self, text: bytes) -> tuple[bytes | None, dict[str, Any] | None] | None:
         """Watch the file for timeout_s: its new (text, record) as soon as it changes, None if it does not."""
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
@@ -161,9 +206,12 @@ class Lease:
 
     def check(self) -> None:
         """UserError if the lease may no longer be this job's: another job must not find our writes."""
-        _, holder = self._read()
+        try:
+            _, holder = self._read()
+        except OSError:
+            holder = None
         if holder is None or holder.get("token") != self.record["token"]:
-            lost = f"taken by {describe(holder)}" if holder else f"{self.path} was removed"
+            lost = f"taken by {describe(holder)}" if holder else f"{self.path} was removed or replaced"
         elif time.monotonic() - self.renewed > self.timeout_s:
             lost = f"not renewed for {self.timeout_s:g} s: {self.renew_error}"
         else:
@@ -175,9 +223,10 @@ class Lease:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        _, holder = self._read()
-        if holder is not None and holder.get("token") == self.record["token"]:
-            self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            _, holder = self._read()
+            if holder is not None and holder.get("token") == self.record["token"]:
+                self.path.unlink(missing_ok=True)
         if self.created_folder:
             with contextlib.suppress(OSError):  # only if nothing else was written there
                 self.path.parent.rmdir()

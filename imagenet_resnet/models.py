@@ -185,3 +185,18 @@ for _depth in (18, 34, 50):
     register(f"cifar_resnet{_depth}")(_torchvision(f"resnet{_depth}", small_input=True))
 for _arch in IMAGENET_TIMM:
     register(_arch)(_timm(_arch))
+
+
+def library_constructor(name: str, num_classes: int, in_chans: int = 3, drop_path: float = 0.0,
+                        blurpool: bool = False) -> str:
+    """The call that builds the same network outside this project, whose load_state_dict takes our
+    weights strictly and computes the same logits (export writes it into its metadata). The same
+    keys do not mean the same network: a BlurPool ResNet loads into torchvision's ResNet without
+    complaint and computes something else, so it is named as the timm model it is."""
+    options = f"num_classes={num_classes}" + (f", in_chans={in_chans}" if in_chans != 3 else "")
+    if name not in TIMM_EXTRAS_MODELS:
+        return f"imagenet_resnet.models.build_model({name!r}, {options})"
+    if name in IMAGENET_TORCHVISION and in_chans == 3 and not drop_path and not blurpool:
+        return f"torchvision.models.{name}({options})"
+    extras = (f", drop_path_rate={drop_path}" if drop_path else "") + (", aa_layer=timm.layers.BlurPool2d" if blurpool else "")
+    return f"timm.create_model({name!r}, {options}{extras})"

@@ -2,6 +2,9 @@
 
 Images go through evaluation's resize, centre crop and normalisation, in batches, on a GPU
 when there is one. One line per image; `--json` prints one JSON object per line instead.
+Each image is cropped as soon as it is decoded, so memory follows the largest image, not the
+batch; a large JPEG is decoded at a reduced scale (libjpeg's DCT scaling) that still covers
+evaluation's resize, and an image of more than --max-pixels is refused.
 
     python -m imagenet_resnet.predict --checkpoint runs/x/best.pt photo.jpg more_photos/
     # photo.jpg: goldfish 91.2%, tench 3.1%, ...
@@ -11,16 +14,21 @@ when there is one. One line per image; `--json` prints one JSON object per line 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from imagenet_resnet.cli import existing_file, positive_int, run_main
-from imagenet_resnet.data import decode_error_text
+from imagenet_resnet.data import decode_error_text, read_image, val_resize_side
 from imagenet_resnet.distributed import pick_device
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.inference import WEIGHTS, load_trained
+
+MAX_PIXELS = 64_000_000  # default --max-pixels: 8000 x 8000, about 200 MB decoded as RGB
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -42,13 +50,34 @@ def find_images(inputs: list[str]) -> list[Path]:
     return files
 
 
-def read_image(path: Path, channels: int) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+def shown(path: Path) -> str:
+    """A file name as text, also one whose bytes are not UTF-8 (escaped, e.g. \\xff)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def load_image(path: Path, channels: int, min_side: int, max_pixels: int) -> torch.Tensor:
+    """uint8 CHW. A JPEG at least twice as large as needed is decoded at 1/2, 1/4 or 1/8 scale,
+    keeping its shorter side >= min_side; UserError for what does not decode or is too large."""
+    from PIL import Image
 
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
-    except (RuntimeError, OSError) as err:
-        raise UserError(f"{path}: not an image this tool can read ({decode_error_text(err)})") from err
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            width, height = image.size
+            scale = 1
+            while image.format == "JPEG" and scale < 8 and min(width, height) // (2 * scale) >= min_side:
+                scale *= 2
+            if (width // scale) * (height // scale) > max_pixels:
+                raise UserError(f"{shown(path)}: {width}x{height} pixels is more than --max-pixels {max_pixels:,}; "
+                                f"shrink the image or raise --max-pixels")
+            if scale > 1:
+                image.draft("RGB" if channels == 3 else "L", (width // scale, height // scale))
+                pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
+                return torch.from_numpy(pixels.copy()).view(*pixels.shape[:2], channels).permute(2, 0, 1)
+        return read_image(path, channels, data)
+    except (RuntimeError, OSError, SyntaxError, ValueError) as err:  # PIL and torchvision's ways of saying no
+        reason = decode_error_text(err) if isinstance(err, RuntimeError) else (getattr(err, "strerror", None) or str(err))
+        raise UserError(f"{shown(path)}: not an image this tool can read ({reason})") from err
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,10 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched for them")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.add_argument("--top", type=positive_int, default=5, help="classes per image (default 5)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+                   help=f"refuse an image larger than this after reduced-size JPEG decoding (default {MAX_PIXELS:,})")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--weights", choices=tuple(WEIGHTS), default="model", help="ema: the averaged weights, if trained with them")
     args = p.parse_args(argv)
+    from PIL import Image
+
     files = find_images(args.inputs)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
@@ -68,17 +101,21 @@ def main(argv: list[str] | None = None) -> None:
     trained = load_trained(args.checkpoint, args.weights)
     net = trained.net.to(device)
     top = min(args.top, len(trained.names))
+    min_side = val_resize_side(trained.cfg)
+    Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check would refuse before reduced decoding; --max-pixels holds
     for start in range(0, len(files), args.batch_size):
         chunk = files[start : start + args.batch_size]
-        batch = trained.preprocess([read_image(path, trained.channels) for path in chunk], device)
+        # A generator: each image is cropped before the next one is decoded.
+        batch = trained.preprocess((load_image(path, trained.channels, min_side, args.max_pixels) for path in chunk),
+                                   device)
         with torch.no_grad():
             probabilities, labels = net(batch).float().softmax(dim=1).topk(top, dim=1)
         for path, probs, labs in zip(chunk, probabilities.tolist(), labels.tolist()):
             if args.json:
-                print(json.dumps({"file": str(path), "top": [{"label": label, "name": trained.names[label],
+                print(json.dumps({"file": shown(path), "top": [{"label": label, "name": trained.names[label],
                                   "probability": prob} for prob, label in zip(probs, labs)]}), flush=True)
             else:
-                print(f"{path}: " + ", ".join(f"{trained.names[label]} {prob:.1%}" for prob, label in zip(probs, labs)),
+                print(f"{shown(path)}: " + ", ".join(f"{trained.names[label]} {prob:.1%}" for prob, label in zip(probs, labs)),
                       flush=True)
 
 

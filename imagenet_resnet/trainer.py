@@ -10,6 +10,7 @@ device and are read at log steps, checkpoints and epoch ends.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import signal
 import sys
@@ -25,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from imagenet_resnet.checkpoint import BEST, LAST, capture_rng, load_file, load_latest, restore_rng, save_atomic, unwrap
-from imagenet_resnet.config import Config, config_to_dict, save_config
+from imagenet_resnet.config import Config, config_to_dict, flatten, save_config
 from imagenet_resnet.data import Loader, build_loaders, class_names, input_channels, train_image_size
 from imagenet_resnet.data.mixing import build_mixing
 from imagenet_resnet.distributed import (
@@ -45,8 +46,14 @@ from imagenet_resnet.metrics import RunLog, read_metrics, topk_correct
 from imagenet_resnet.models import build_model
 from imagenet_resnet.optim import Schedule, build_loss, build_optimizer, scaled_lr, set_lr
 
-# A checkpoint from a run that differs in these cannot continue this run.
-MUST_MATCH = ("model.name", "data.dataset")
+# Resuming with a changed config key (README, "Resume policy"): these are refused, since what they
+# choose is fixed once training has started (the network, its first weights, which parameters train,
+# the optimizer's state); every other key takes effect from the first resumed step, announced.
+FIXED_AT_START = ("model.name", "model.zero_init_residual", "model.blurpool", "model.init_from", "model.freeze",
+                  "data.dataset", "optim.name")
+NOT_COMPARED = ("run.out_dir", "run.resume")  # where the run lives and came from, not what it trains
+# Keys that leave the train loader's stream as it was: its saved mid-epoch state still applies.
+SAME_STREAM = ("data.root", "data.workers")
 # Ranks agree on a SIGTERM this often (one tiny all-reduce): well inside torchrun's and Slurm's grace time.
 STOP_CHECK_EVERY_STEPS = 10
 
@@ -134,8 +141,8 @@ class Trainer:
         self.class_names = class_names(cfg) if dist.is_main else []  # saved for predict and export
         self.net = build_network(cfg, self.num_classes, dist)
         state, path = self._find_checkpoint()
-        # Fine-tuning: pretrained weights only for a fresh start; a resumed run has its own.
-        pretrained = load_pretrained(self.net, cfg.model.init_from) if cfg.model.init_from and state is None else set()
+        self.changes = self._config_changes(state, path) if state is not None else {}
+        self.pretrained = self._pretrained_names(state)  # their lr is scaled by optim.pretrained_lr_scale
         apply_freeze(self.net, cfg.model.freeze)
         self.accum = self._accumulation_steps(state)
         self.global_batch = cfg.data.batch_size * dist.world_size * self.accum
@@ -146,7 +153,7 @@ class Trainer:
                 f"steps is more than the {self.train_loader.num_images} training images: no full step per epoch"
             )
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
-        self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr, pretrained)
+        self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr, self.pretrained)
         self.schedule = Schedule.from_config(cfg.schedule, self.steps_per_epoch)
         self.mixing = build_mixing(cfg, self.num_classes)
         self.criterion = build_loss(cfg.optim, soft_targets=self.mixing is not None)
@@ -203,9 +210,17 @@ class Trainer:
             return None, None
         if state is None:  # ranks other than 0
             state = load_file(path)
-        self._check_compatible(state, path)
         return state, path
 
+    def _pretrained_names(self, state: dict[str, Any] | None) -> set[str]:
+        """Fine-tuning: the tensors model.init_from loaded, at a fresh start (loading them) or as the
+        checkpoint recorded them (a resumed run has its own weights)."""
+        if state is not None and "pretrained" in state:
+            return set(state["pretrained"])
+        if not self.cfg.model.init_from:
+            return set()
+        names = load_pretrained(self.net, self.cfg.model.init_from)  # a resumed run's weights replace these
+        return names
     def _choose_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
         """out_dir's own newest checkpoint; run.resume only seeds a folder that has none, so a
         restarted or requeued command continues its own progress instead of going back to it."""
@@ -263,27 +278,38 @@ class Trainer:
 
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         unwrap(self.net).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])  # moments and steps, and the saved settings ...
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)  # ... which this config's (weight decay, momentum, trust coefficient, ...) replace
         self.best_top1, self.best_weights = state["best_top1"], state.get("best_weights", "model")
         if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+            scaler = dict(state["scaler"])
+            if "run.loss_scale" in self.changes:
+                scaler["scale"] = self.cfg.run.loss_scale
+            self.scaler.load_state_dict(scaler)
+        if self.dist.is_main:
+            for key, (before, now) in self.changes.items():
+                print(f"resume: {key} {before} -> {now}", flush=True)
         pos = state["position"]
         same_world = state["world_size"] == self.dist.world_size
         if same_world and state["global_batch"] == self.global_batch:
             self.position = Position(**pos)
             self.train_sums = state["train_sums"][self.dist.rank].to(self.dist.device)
             restore_rng(state["rng"][self.dist.rank])
-            self.train_loader.restore(state["loader"][self.dist.rank])
+            if not any(key.startswith("data.") and key not in SAME_STREAM for key in self.changes):
+                self.train_loader.restore(state["loader"][self.dist.rank])
         else:
             # Keep the count of images already seen this epoch: the same prefix of the epoch's permutation.
             done = pos["step_in_epoch"] * state["global_batch"] // self.global_batch
             self.position = Position(pos["epoch"], done, pos["epoch"] * self.steps_per_epoch + done)
             if self.dist.is_main:  # the partial epoch's sums, all on one rank: the totals stay right
                 self.train_sums = sum(state["train_sums"]).to(self.dist.device)
+                why = (f"{state['world_size']} -> {self.dist.world_size} processes (run.on_world_size_change="
+                       f"{self.cfg.run.on_world_size_change})" if not same_world else "the changed keys above")
                 print(
-                    f"resume: {state['world_size']} -> {self.dist.world_size} processes "
-                    f"(run.on_world_size_change={self.cfg.run.on_world_size_change}): global batch "
-                    f"{state['global_batch']} -> {self.global_batch} with {self.accum} accumulation step(s), "
+                    f"resume: global batch {state['global_batch']} -> {self.global_batch} = {self.cfg.data.batch_size} x "
+                    f"{self.dist.world_size} process(es) x {self.accum} accumulation step(s), from {why}; "
                     f"lr {self.peak_lr:g}; epoch {pos['epoch']} continues at step {done}",
                     flush=True,
                 )
@@ -293,18 +319,22 @@ class Trainer:
         if self.dist.is_main:
             print(f"resumed from {path}: epoch {self.position.epoch}, step {self.position.step_in_epoch}", flush=True)
 
-    def _check_compatible(self, state: dict[str, Any], path: Path) -> None:
-        saved, now = state["config"], config_to_dict(self.cfg)
-        diffs = []
-        for key in MUST_MATCH:
-            section, name = key.split(".")
-            before = saved.get(section, {}).get(name)
-            if before != now[section][name]:
-                diffs.append(f"{key}: checkpoint {before!r}, now {now[section][name]!r}")
+    def _config_changes(self, state: dict[str, Any], path: Path) -> dict[str, tuple[Any, Any]]:
+        """{dotted key: (checkpoint's value, this config's)} for every key that differs; UserError,
+        before anything is written, if one of them cannot change in a run that has started."""
+        saved = flatten(config_to_dict(Config())) | flatten(state["config"])  # keys added since: their defaults
+        changes = {key: (saved[key], now) for key, now in flatten(config_to_dict(self.cfg)).items()
+                   if key not in NOT_COMPARED and saved[key] != now}
+        refused = [f"{key}: checkpoint {changes[key][0]!r}, now {changes[key][1]!r}" for key in FIXED_AT_START
+                   if key in changes]
         if state["num_classes"] != self.num_classes:
-            diffs.append(f"classes: checkpoint {state['num_classes']}, now {self.num_classes}")
-        if diffs:
-            raise UserError(f"{path}: checkpoint belongs to a different run ({'; '.join(diffs)})")
+            refused.append(f"classes: checkpoint {state['num_classes']}, now {self.num_classes}")
+        if refused:
+            raise UserError(
+                f"{path}: cannot continue this run with {'; '.join(refused)} (fixed once training has started). "
+                f"Nothing was changed. Keep the checkpoint's value, or start a new run from its weights: a new "
+                f"run.out_dir with model.init_from={path}")
+        return changes
 
     # --- checkpoints ------------------------------------------------------------------------
 
@@ -334,6 +364,7 @@ class Trainer:
                 "class_names": self.class_names,
                 "world_size": self.dist.world_size,
                 "global_batch": self.global_batch,
+                "pretrained": sorted(self.pretrained),
             }
             if self.ema:
                 state["model_ema"], state["ema_buffers"] = self.ema.module.state_dict(), ema_buffers
@@ -358,6 +389,7 @@ class Trainer:
                 train_stats = self.train_epoch(epoch)
                 average_buffers(self.net)
                 val_stats = self.evaluate()
+                self._check_finite_eval(val_stats, epoch)
                 record = {"epoch": epoch, **train_stats, **val_stats}
                 records.append(record)
                 top1, weights = max((val_stats["val_top1"], "model"), (val_stats.get("val_top1_ema", -1.0), "ema"))
@@ -469,11 +501,26 @@ class Trainer:
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
         local = int(first_bad.item())
         if all_reduce_sum(torch.tensor([float(local >= 0)], device=self.dist.device)).item():
-            where = f"step {local}" if local >= 0 else "a step on another rank"
-            last = self.out_dir / LAST
-            saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-            raise UserError(f"non-finite training loss at epoch {epoch}, {where}; stopped without saving, {saved}. "
-                            f"Lower optim.base_lr or lengthen schedule.warmup_epochs.")
+            self._stop_diverged(f"non-finite training loss at epoch {epoch}, "
+                                + (f"step {local}" if local >= 0 else "a step on another rank"))
+
+    def _check_finite_eval(self, stats: dict[str, float], epoch: int) -> None:
+        """A diverged model evaluates to NaN or carries inf BatchNorm statistics: no result to keep.
+        Every rank sees the same (all-reduced loss, rank-averaged buffers), so all stop together."""
+        bad = [f"{key} {stats[key]}" for key in ("val_loss", "val_loss_ema") if key in stats and not math.isfinite(stats[key])]
+        nets = [("", unwrap(self.net))] + ([("EMA ", self.ema.module)] if self.ema else [])
+        buffers = [f"{which}{name}" for which, net in nets for name, buf in net.named_buffers()
+                   if buf.is_floating_point() and not torch.isfinite(buf).all()]
+        if buffers:
+            bad.append(f"{len(buffers)} non-finite buffers ({', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''})")
+        if bad:
+            self._stop_diverged(f"non-finite evaluation at epoch {epoch}: {'; '.join(bad)}")
+
+    def _stop_diverged(self, what: str) -> None:
+        last = self.out_dir / LAST
+        saved = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise UserError(f"{what}; stopped without saving, {saved}. Lower optim.base_lr or lengthen "
+                        f"schedule.warmup_epochs.")
 
     def _stop_agreed(self) -> bool:
         flag = all_reduce_sum(torch.tensor([float(self.stop_requested)], device=self.dist.device))

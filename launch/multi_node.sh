@@ -17,8 +17,9 @@ set -euo pipefail
 CONFIG=$1; shift
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')}
-# A config error ends here, once, naming the key: torchrun would restart the workers on it.
-"$PYTHON" -m imagenet_resnet.train --check-config --config "$CONFIG" "$@" >/dev/null || exit $?
+# A config error ends here, once, naming the key: torchrun would restart the workers on it. The run
+# folder's lease is not checked here: nodes start in any order, and rank 0 of this very job may hold it.
+"$PYTHON" -m imagenet_resnet.train --check-config --no-folder-check --config "$CONFIG" "$@" >/dev/null || exit $?
 exec "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
   --rdzv_backend=c10d --rdzv_endpoint="$RDZV_ENDPOINT" --rdzv_id="${RDZV_ID:-imagenet-resnet}" \
   --max-restarts="${MAX_RESTARTS:-3}" -m imagenet_resnet.train --config "$CONFIG" "$@"

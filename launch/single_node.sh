@@ -12,7 +12,7 @@ set -euo pipefail
 CONFIG=$1; shift
 PYTHON=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
 NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 2)')}
-# A config error ends here, once, naming the key: torchrun would restart the workers on it.
+# A config error or a run folder held by another job ends here, once: torchrun would restart the workers on it.
 "$PYTHON" -m imagenet_resnet.train --check-config --config "$CONFIG" "$@" >/dev/null || exit $?
 exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" \
   -m imagenet_resnet.train --config "$CONFIG" "$@"

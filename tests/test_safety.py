@@ -78,12 +78,7 @@ def test_files_whose_pickle_would_run_code_are_refused_by_every_entry_point(cifa
 def test_a_checkpoint_from_before_the_rule_names_the_upgrade_command_and_then_resumes(cifar_root, tmp_path):
     out = tmp_path / "run"
     train(cifar_root, out)
-    state = load_file(out / "last.pt")
-    for rng in state["rng"]:  # as capture_rng wrote it before: NumPy's own tuple with an ndarray
-        numpy = rng["numpy"]
-        rng["numpy"] = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                        numpy["cached_gaussian"])
-    torch.save(state, out / "last.pt")
+    old_format(out / "last.pt")
     command = f"python -m imagenet_resnet.checkpoint upgrade {out / 'last.pt'}"
     one_error_line(train(cifar_root, out, "schedule.epochs=2", check=False), "older imagenet_resnet", command)
     upgraded = run_module("imagenet_resnet.checkpoint", "upgrade", str(out / "last.pt"))
@@ -199,3 +194,164 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(cifar_roo
     proc = train(cifar_root, out, "schedule.epochs=2")  # the same command, with room again
     assert f"resumed from {out / 'last.pt'}: epoch 1" in proc.stdout
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
+
+
+# --- issue 21: upgrade runs nothing, leases that are garbled or on vfat, the launch pre-check ---
+
+
+class RunsNumpyCode:
+    """Unpickles to numpy.testing's runstring(code): a NumPy global, as an older checkpoint's are."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        from numpy.testing._private.utils import runstring
+
+        return runstring, (f"open({str(self.marker)!r}, 'w')", {})
+
+
+def test_upgrade_runs_no_code_from_a_crafted_numpy_global(cifar_root, tmp_path):
+    marker = tmp_path / "marker"
+    out = tmp_path / "run"
+    train(cifar_root, out)
+    state = load_file(out / "last.pt")
+    state["rng"][0]["numpy"] = RunsNumpyCode(marker)
+    torch.save(state, out / "last.pt")
+    before = (out / "last.pt").read_bytes()
+    line = one_error_line(train(cifar_root, out, "schedule.epochs=2", check=False), "numpy.testing._private.utils.runstring")
+    assert "imagenet_resnet.checkpoint upgrade" not in line  # only a file of exactly the old NumPy RNG globals is sent there
+    line = one_error_line(run_module("imagenet_resnet.checkpoint", "upgrade", str(out / "last.pt"), check=False),
+                          "refused", "numpy.testing._private.utils.runstring", "nothing from it was run")
+    assert not marker.exists() and (out / "last.pt").read_bytes() == before and not (out / "last.pt.orig").exists()
+    torch.load(out / "last.pt", weights_only=False)  # control: loaded the unsafe way, the payload runs
+    assert marker.exists()
+
+
+def test_upgrade_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    one_error_line(run_module("imagenet_resnet.checkpoint", "upgrade", str(text), check=False), str(text), "not a checkpoint")
+    proc = run_module("imagenet_resnet.checkpoint", "upgrade", str(tmp_path), check=False)
+    assert proc.returncode == 2 and "is a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert text.read_text() == "not a checkpoint"
+
+
+def old_format(path: Path) -> None:
+    """Rewrite a checkpoint as capture_rng wrote it before: NumPy's own tuple with an ndarray."""
+    state = load_file(path)
+    for rng in state["rng"]:
+        numpy = rng["numpy"]
+        rng["numpy"] = (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                        numpy["cached_gaussian"])
+    torch.save(state, path)
+
+
+def test_upgrade_keeps_the_files_mode(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    train(cifar_root, out)
+    old_format(out / "last.pt")
+    os.chmod(out / "last.pt", 0o640)
+    run_module("imagenet_resnet.checkpoint", "upgrade", str(out / "last.pt"))
+    assert (out / "last.pt").stat().st_mode & 0o777 == 0o640 and load_file(out / "last.pt")
+
+
+GARBLED_LEASES = {
+    "not UTF-8": b"\xff\xfe\x00garbage",
+    "a number": b"42",
+    "a list": b"[1, 2]",
+    "a string": b'"held"',
+    "pid abc": json.dumps({"host": "h", "pid": "abc"}).encode(),
+    "pid null": json.dumps({"host": "h", "pid": None}).encode(),
+    "pid 1e20": b'{"host": "h", "pid": 100000000000000000000}',
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("content", GARBLED_LEASES.values(), ids=GARBLED_LEASES.keys())
+def test_a_garbled_lease_is_taken_over_as_stale_after_the_timeout(tmp_path, capsys, content):
+    from imagenet_resnet.lease import hold_lease
+
+    (tmp_path / "lease.json").write_bytes(content)
+    with hold_lease(tmp_path, timeout_s=1) as lease:
+        assert json.loads((tmp_path / "lease.json").read_text())["token"] == lease.record["token"]
+    assert "taken over from a lease file that holds no lease record (unchanged for 1 s)" in capsys.readouterr().err
+    assert not (tmp_path / "lease.json").exists()
+
+
+def test_a_lease_that_cannot_be_read_or_replaced_is_one_line(cifar_root, tmp_path):
+    folder = tmp_path / "run_folder"
+    (folder / "lease.json").mkdir(parents=True)
+    one_error_line(train(cifar_root, folder, check=False), str(folder / "lease.json"), "cannot use", "Is a directory")
+    loop = tmp_path / "run_loop"
+    loop.mkdir()
+    (loop / "lease.json").symlink_to("lease.json")
+    one_error_line(train(cifar_root, loop, check=False), "cannot use", "symbolic links")
+    dangling = tmp_path / "run_dangling"
+    dangling.mkdir()
+    (dangling / "lease.json").symlink_to(tmp_path / "nowhere")
+    one_error_line(train(cifar_root, dangling, check=False), "cannot use", "link to nothing")
+    assert (folder / "lease.json").is_dir() and (loop / "lease.json").is_symlink()
+
+
+@pytest.fixture
+def vfat(tmp_path) -> Path:
+    """A real FAT filesystem (no hard links), mounted with fusefat; skipped where it cannot mount."""
+    import shutil
+
+    if not (shutil.which("mkfs.vfat") and shutil.which("fusefat") and Path("/dev/fuse").exists()):
+        pytest.skip("needs dosfstools and fusefat (apt-get install dosfstools fusefat)")
+    image, mount = tmp_path / "fat.img", tmp_path / "fat"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 * 2**20)
+    subprocess.run(["mkfs.vfat", str(image)], check=True, capture_output=True)
+    if subprocess.run(["fusefat", "-o", "rw+", str(image), str(mount)], capture_output=True).returncode:
+        pytest.skip("fusefat could not mount here")
+    yield mount
+    subprocess.run(["fusermount", "-u", str(mount)], capture_output=True)
+
+
+def test_training_runs_on_a_filesystem_without_hard_links(cifar_root, vfat):
+    (vfat / "file").write_text("x")
+    with pytest.raises(PermissionError):
+        os.link(vfat / "file", vfat / "link")  # the filesystem really has none
+    from imagenet_resnet.errors import UserError
+    from imagenet_resnet.lease import hold_lease
+
+    with hold_lease(vfat / "held", timeout_s=1) as lease:  # exclusive create: a second holder is refused
+        assert json.loads((vfat / "held" / "lease.json").read_text())["token"] == lease.record["token"]
+        with pytest.raises(UserError, match="in use by host"):
+            with hold_lease(vfat / "held", timeout_s=1):
+                pass
+    out = vfat / "run"
+    proc = train(cifar_root, out)
+    assert [r["epoch"] for r in read_metrics(out)] == [0] and load_file(out / "last.pt")
+    assert not (out / "lease.json").exists(), proc.stderr
+
+
+def test_the_launch_script_stops_at_once_on_a_held_run_folder(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    holder = running_job(cifar_root, out, "schedule.epochs=100")
+    try:
+        proc = subprocess.run(["bash", "launch/single_node.sh", *train_args(cifar_root, out, "schedule.epochs=100")[1:]],
+                              cwd=REPO, env={**cli_env(), "NPROC": "1", "PYTHON": sys.executable},
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        holder.send_signal(signal.SIGTERM)
+        finish(holder)
+    one_error_line(proc, str(out), f"PID {holder.pid}", "Nothing was changed")
+    assert "ChildFailedError" not in proc.stderr and "model cifar_resnet20" not in proc.stdout  # torchrun never ran
+
+
+def test_upgrade_in_a_read_only_folder_is_one_line_and_changes_nothing(cifar_root, tmp_path, vfat):
+    out = tmp_path / "run"
+    train(cifar_root, out)
+    old_format(out / "last.pt")
+    (vfat / "last.pt").write_bytes((out / "last.pt").read_bytes())
+    subprocess.run(["fusermount", "-u", str(vfat)], check=True)
+    subprocess.run(["fusefat", "-o", "ro", str(tmp_path / "fat.img"), str(vfat)], check=True, capture_output=True)
+    proc = run_module("imagenet_resnet.checkpoint", "upgrade", str(vfat / "last.pt"), check=False)
+    one_error_line(proc, str(vfat / "last.pt"), "could not write", "the file is unchanged")
+    assert (vfat / "last.pt").read_bytes() == (out / "last.pt").read_bytes()
+    assert sorted(p.name for p in vfat.iterdir()) == ["last.pt"]

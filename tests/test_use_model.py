@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,99 @@ def test_ema_weights_are_exported_when_asked(cifar, tmp_path):
     net = build_model("cifar_resnet20", 10)
     load_pretrained(net, tmp_path / "ema.safetensors")  # an export is a model.init_from for fine-tuning
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state["model_ema"].items())
+
+
+# --- issue 21: what export may write, what its metadata promises, what predict reads ---------
+
+
+def test_export_writes_only_a_new_file_or_a_writable_regular_one(cifar, tmp_path):
+    target = tmp_path / "target.safetensors"
+    target.write_bytes(b"precious")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(target)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    device = tmp_path / "full"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 7))  # /dev/full's numbers, in a temp folder
+    read_only = tmp_path / "read_only.safetensors"
+    read_only.write_bytes(b"keep")
+    read_only.chmod(0o444)
+    copy = tmp_path / "best.pt"
+    copy.write_bytes(cifar.read_bytes())
+    cases = {link: "symbolic link", fifo: "not a regular file", device: "not a regular file",
+             read_only: "read-only", copy: "is the checkpoint being exported"}
+    for out, why in cases.items():
+        proc = run_module("imagenet_resnet.export", "--checkpoint", str(copy), "--format", "torchscript", "--out",
+                          str(out), check=False)
+        one_error_line(proc, f"--out {out}", why)
+    assert link.is_symlink() and target.read_bytes() == b"precious" and stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert stat.S_ISCHR(device.lstat().st_mode) and read_only.read_bytes() == b"keep"
+    assert copy.read_bytes() == cifar.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for fmt in ("safetensors", "torchscript"):  # a new file: the umask's mode, whatever the writer library does
+        assert exported(cifar, fmt, tmp_path / f"new.{fmt}").stat().st_mode & 0o777 == 0o666 & ~umask
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"old")
+    existing.chmod(0o640)
+    exported(cifar, "safetensors", existing)  # an existing regular file is replaced and keeps its mode
+    assert existing.stat().st_mode & 0o777 == 0o640 and load_safetensors(existing)
+
+
+def test_a_blurpool_export_names_the_network_it_is(resnet18, tmp_path):
+    """Same keys as torchvision's ResNet-18, another network: the metadata must not send it there."""
+    state = torch.load(resnet18, weights_only=True)
+    state["config"]["model"]["blurpool"] = True
+    blurpool = tmp_path / "blurpool.pt"
+    torch.save(state, blurpool)
+    images = torch.randn(2, 3, 64, 64)
+    plain_meta = safe_open_metadata(exported(resnet18, "safetensors", tmp_path / "plain.safetensors"))
+    assert plain_meta["loads_into"] == "torchvision.models.resnet18(num_classes=7)"
+    out = exported(blurpool, "safetensors", tmp_path / "blur.safetensors")
+    meta = safe_open_metadata(out)
+    assert meta["loads_into"] == "timm.create_model('resnet18', num_classes=7, aa_layer=timm.layers.BlurPool2d)"
+    assert json.loads(meta["architecture"]) == {"model": "resnet18", "in_chans": 3, "drop_path": 0.0, "blurpool": True}
+    want = logits(load_trained(blurpool).net, images)
+    named = timm.create_model("resnet18", num_classes=7, aa_layer=timm.layers.BlurPool2d)
+    named.load_state_dict(load_safetensors(out), strict=True)
+    assert torch.equal(logits(named, images), want)
+    wrong = torchvision.models.resnet18(num_classes=7)
+    wrong.load_state_dict(load_safetensors(out), strict=True)  # loads without complaint ...
+    assert not torch.allclose(logits(wrong, images), want, atol=1e-3)  # ... and computes something else
+
+
+def safe_open_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
+def test_predict_scales_16_bit_images_and_reads_any_file_name(cifar, tmp_path):
+    import numpy as np
+
+    gray = np.random.RandomState(0).randint(0, 256, (40, 50), dtype=np.uint8)
+    Image.fromarray(gray).save(tmp_path / "eight.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # the same picture in 16 bits
+    odd_name = tmp_path / os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not UTF-8
+    odd_name.write_bytes((tmp_path / "eight.png").read_bytes())
+    rows = {row["file"]: row["top"] for row in map(json.loads, run_module(
+        "imagenet_resnet.predict", "--checkpoint", str(cifar), str(tmp_path), "--json").stdout.splitlines())}
+    assert rows[str(tmp_path / "sixteen.png")] == rows[str(tmp_path / "eight.png")]
+    assert rows[f"{tmp_path}/caf\\xe9.png"] == rows[str(tmp_path / "eight.png")]
+    text = run_module("imagenet_resnet.predict", "--checkpoint", str(cifar), str(odd_name)).stdout
+    assert text.startswith(f"{tmp_path}/caf\\xe9.png: ")
+
+
+def test_predict_decodes_large_jpegs_reduced_and_refuses_images_over_the_pixel_limit(cifar, tmp_path):
+    big_jpeg, big_png = tmp_path / "big.jpg", tmp_path / "big.png"
+    Image.new("RGB", (4000, 3000), (120, 60, 30)).save(big_jpeg)  # 12 MP; at 1/8 scale 500x375
+    Image.new("RGB", (1200, 1000), (120, 60, 30)).save(big_png)  # 1.2 MP, and PNG has no reduced decoding
+    limit = ["--max-pixels", "1000000"]  # below the JPEG's full size: only its reduced decoding fits
+    row = json.loads(run_module("imagenet_resnet.predict", "--checkpoint", str(cifar), str(big_jpeg), "--json",
+                                *limit).stdout)
+    assert len(row["top"]) == 5 and row["file"] == str(big_jpeg)
+    proc = run_module("imagenet_resnet.predict", "--checkpoint", str(cifar), str(big_png), *limit, check=False)
+    one_error_line(proc, str(big_png), "1200x1000 pixels is more than --max-pixels 1,000,000")

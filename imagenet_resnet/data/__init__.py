@@ -26,6 +26,7 @@ from imagenet_resnet.data.datasets import (
     input_channels,
     normalization,
     read_cifar,
+    read_image,
     read_file_lists,
     read_mnist,
     scan_folders,
@@ -33,12 +34,12 @@ from imagenet_resnet.data.datasets import (
 from imagenet_resnet.data.device_loader import DeviceLoader
 from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, shard_range, train_image_size
 from imagenet_resnet.data.torchvision_loader import build_torchvision_loaders
-from imagenet_resnet.data.transforms import val_transform
+from imagenet_resnet.data.transforms import val_resize_side, val_transform
 from imagenet_resnet.distributed import DistInfo
 
 __all__ = ["DeviceLoader", "Loader", "Normalizer", "TrainSampler", "build_loaders", "class_names", "decode_error_text",
-           "input_channels", "normalization", "read_cifar", "read_file_lists", "resolve_loader", "shard_range",
-           "train_image_size", "val_transform"]
+           "input_channels", "normalization", "read_cifar", "read_image", "read_file_lists", "resolve_loader", "shard_range",
+           "train_image_size", "val_resize_side", "val_transform"]
 
 def resolve_loader(cfg: Config, device: torch.device) -> str:
     if cfg.data.loader != "auto":

@@ -210,10 +210,15 @@ def unreadable_image(path: Path | str, reason: str) -> UserError:
     )
 
 
-def read_image(path: Path) -> torch.Tensor:
+def read_image(path: Path, channels: int = 3, data: bytes | None = None) -> torch.Tensor:
+    """An image file (or its bytes) as uint8 CHW with 3 (RGB) or 1 channels. A 16-bit PNG decodes
+    to 0..65535: it is scaled to 0..255, as the normalisation expects, not taken as it is."""
     from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import to_dtype
 
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+    source = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None else str(path)
+    image = decode_image(source, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
+    return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
 
 
 def image_problem(path: Path) -> str | None:

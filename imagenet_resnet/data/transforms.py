@@ -40,8 +40,12 @@ def val_transform(cfg: Config) -> Transform:
     then the centre val size square (FixRes when data.val_image_size exceeds the train size)."""
     from torchvision.transforms import v2
 
+    size = SMALL_DATASETS[cfg.data.dataset].size if cfg.data.dataset in SMALL_DATASETS else val_image_size(cfg.data)
+    return v2.Compose([v2.Resize(val_resize_side(cfg), antialias=True), v2.CenterCrop(size)])
+
+
+def val_resize_side(cfg: Config) -> int:
+    """The shorter side evaluation resizes an image to, before its centre crop."""
     if cfg.data.dataset in SMALL_DATASETS:
-        size = SMALL_DATASETS[cfg.data.dataset].size
-        return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-    size = val_image_size(cfg.data)
-    return v2.Compose([v2.Resize(round(size / cfg.data.val_crop_fraction), antialias=True), v2.CenterCrop(size)])
+        return SMALL_DATASETS[cfg.data.dataset].size
+    return round(val_image_size(cfg.data) / cfg.data.val_crop_fraction)
