@@ -9,7 +9,6 @@ are the indices of the wnids in sorted order. Everything downstream uses `label_
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import scipy.io
 
-from imagenet_resnet.cli import existing_file, run_main
+from imagenet_resnet.cli import command, existing_file, run_main
 from imagenet_resnet.errors import UserError
 
 META = "data/meta.mat"
@@ -107,9 +106,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Parse the devkit into DEST/synsets.txt and DEST/.prep/devkit.json.")
-    p.add_argument("--devkit", type=existing_file, required=True)
-    p.add_argument("--dest", type=Path, required=True)
+    p = command(__spec__.name, "Parse the devkit into DEST/synsets.txt and DEST/.prep/devkit.json.")
+    p.add_argument("--devkit", type=existing_file, required=True, help="ILSVRC2012_devkit_t12.tar.gz")
+    p.add_argument("--dest", type=Path, required=True, help="the prepared dataset's folder")
     a = p.parse_args()
     devkit = read_devkit(a.devkit)
     save(devkit, a.dest)

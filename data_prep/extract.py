@@ -12,7 +12,6 @@ RGB JPEG; the list is kept in DEST/.prep/<split>/<wnid>.json. The archive is onl
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data_prep import devkit as devkit_mod
-from imagenet_resnet.cli import existing_file, positive_int, run_main
+from imagenet_resnet.cli import command, existing_file, positive_int, run_main
 from imagenet_resnet.errors import UserError
 
 WNID_TAR = re.compile(r"^(n\d{8})\.tar$")
@@ -234,11 +233,11 @@ def ignore_sigint() -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Extract one split of ILSVRC2012 into DEST/<split>/<wnid>/.")
-    p.add_argument("--split", choices=("train", "val"), required=True)
-    p.add_argument("--archive", type=existing_file, required=True)
-    p.add_argument("--dest", type=Path, required=True)
-    p.add_argument("--workers", type=positive_int, default=os.cpu_count())
+    p = command(__spec__.name, "Extract one split of ILSVRC2012 into DEST/<split>/<wnid>/.")
+    p.add_argument("--split", choices=("train", "val"), required=True, help="which archive this is")
+    p.add_argument("--archive", type=existing_file, required=True, help="ILSVRC2012_img_train.tar or _val.tar (read only)")
+    p.add_argument("--dest", type=Path, required=True, help="the prepared dataset's folder")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="parallel extraction processes")
     a = p.parse_args()
     extract(a.split, a.archive, a.dest, a.workers)
 

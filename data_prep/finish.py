@@ -10,7 +10,6 @@ all is right are manifest.json and, last of all, the COMPLETE marker written.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -26,7 +25,7 @@ from PIL import Image
 from data_prep import devkit as devkit_mod
 from data_prep.extract import ignore_sigint
 from data_prep.layout import COMPLETE_MARKER, DEVKIT, MANIFEST, TRAIN_TAR, VAL_TAR
-from imagenet_resnet.cli import positive_int, run_main
+from imagenet_resnet.cli import command, positive_int, run_main
 from imagenet_resnet.errors import UserError
 
 
@@ -149,11 +148,11 @@ def finish(dest: Path, src: Path, decode: bool, workers: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="File lists, verification and the completion marker.")
-    p.add_argument("--dest", type=Path, required=True)
-    p.add_argument("--src", type=Path, required=True)
+    p = command(__spec__.name, "File lists, verification and the completion marker.")
+    p.add_argument("--dest", type=Path, required=True, help="the prepared dataset's folder")
+    p.add_argument("--src", type=Path, required=True, help="the folder of the ILSVRC2012 archives (read only)")
     p.add_argument("--decode", action="store_true", help="also decode every image (slow, parallel)")
-    p.add_argument("--workers", type=positive_int, default=os.cpu_count())
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="parallel verification processes")
     p.add_argument("--check-up-to-date", action="store_true", help="exit 0 if DEST is complete for SRC, else 1")
     a = p.parse_args()
     if a.check_up_to_date:

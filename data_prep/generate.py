@@ -14,7 +14,6 @@ chance-level accuracy.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import pickle
@@ -26,7 +25,7 @@ import scipy.io
 from PIL import Image
 
 from data_prep.layout import DEVKIT, TRAIN_TAR, VAL_TAR
-from imagenet_resnet.cli import positive_int
+from imagenet_resnet.cli import command, positive_int
 
 SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
                  "num_train_images")
@@ -200,14 +199,15 @@ def generate_mnist(root: Path, train_per_class: int = 50, val_per_class: int = 1
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write small ILSVRC2012-format archives.")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--classes", type=positive_int, default=10)
-    p.add_argument("--train-per-class", type=positive_int, nargs=2, default=(10, 14), metavar=("MIN", "MAX"))
-    p.add_argument("--val-per-class", type=positive_int, default=4)
-    p.add_argument("--size", type=positive_int, nargs=2, default=(64, 48), metavar=("W", "H"))
-    p.add_argument("--quality", type=positive_int, default=90)
-    p.add_argument("--seed", type=int, default=0)
+    p = command(__spec__.name, "Write small ILSVRC2012-format archives.")
+    p.add_argument("--out", type=Path, required=True, help="folder for the train tar, the val tar and the devkit")
+    p.add_argument("--classes", type=positive_int, default=10, help="classes (real WNIDs, the first in the devkit's order)")
+    p.add_argument("--train-per-class", type=positive_int, nargs=2, default=(10, 14), metavar=("MIN", "MAX"),
+                   help="train images per class, drawn between MIN and MAX")
+    p.add_argument("--val-per-class", type=positive_int, default=4, help="val images per class")
+    p.add_argument("--size", type=positive_int, nargs=2, default=(64, 48), metavar=("W", "H"), help="image size in pixels")
+    p.add_argument("--quality", type=positive_int, default=90, help="JPEG quality, 1..100")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the images and counts")
     a = p.parse_args()
     if a.train_per_class[0] > a.train_per_class[1] or a.quality > 100:
         p.error("--train-per-class MIN MAX needs MIN <= MAX; --quality is 1..100")

@@ -11,7 +11,6 @@ run at sizes a CPU finishes in minutes (marked in the notes).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -29,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from imagenet_resnet.cli import run_main
+from imagenet_resnet.cli import command, run_main
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import DistInfo
@@ -441,8 +440,8 @@ def markdown(env: dict[str, str], records: list[Record]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Measure throughput; write JSON and a Markdown table.")
-    p.add_argument("--out", type=Path, default=Path("bench"))
+    p = command(__spec__.name, "Measure throughput; write JSON and a Markdown table.")
+    p.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json and the Markdown table")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="smallest sizes (for the test suite)")
     p.add_argument("--models", default="resnet18,resnet50,seresnet50", help="models of the model section")

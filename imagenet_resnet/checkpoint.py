@@ -19,7 +19,6 @@ which also runs no code from the file:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imagenet_resnet.cli import existing_file, run_main
+from imagenet_resnet.cli import command, existing_file, run_main
 from imagenet_resnet.errors import UserError
 
 LAST = "last.pt"
@@ -255,10 +254,10 @@ def upgrade(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert an older checkpoint so it loads with weights_only=True.")
+    p = command(__spec__.name, "Convert an older checkpoint so it loads with weights_only=True.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("upgrade", help="rewrite FILE in place, the original kept as FILE.orig")
-    up.add_argument("files", nargs="+", type=existing_file, metavar="FILE")
+    up.add_argument("files", nargs="+", type=existing_file, metavar="FILE", help="checkpoints to convert")
     for path in p.parse_args(argv).files:
         upgrade(path)
 

@@ -31,15 +31,33 @@ def positive_int(text: str) -> int:
 
 def existing_file(text: str) -> Path:
     if Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text}: is a folder; expected a file")
+        inside = [str(Path(text) / name) for name in ("best.pt", "last.pt") if (Path(text) / name).is_file()]
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; expected a file"
+                                         + (f", e.g. {' or '.join(inside)}" if inside else ""))
     if not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"{text}: no such file")
     return Path(text)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", help="YAML recipe from configs/ (defaults apply where it is silent)")
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Help text ends with the option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def command(module: str, description: str) -> argparse.ArgumentParser:
+    """The parser of `python -m <module>`: usage shows that command, option help ends with its default."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=DefaultsShown)
+
+
+def parser(module: str, description: str,
+           config_help: str = "YAML recipe from configs/ (defaults apply where it is silent)") -> argparse.ArgumentParser:
+    """command() with `--config FILE` and `section.key=value` overrides."""
+    p = command(module, description)
+    p.add_argument("--config", help=config_help)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. schedule.epochs=10")
     return p
 

@@ -91,7 +91,9 @@ class DataConfig:
     batch_size: int = 128  # per process; the global batch is this x world size
     image_size: int = 32  # train crop and val centre crop, in pixels
     loader: str = "auto"  # auto | device (CIFAR, whole set on the device) | torchvision | dali
-    workers: int = 8  # DataLoader worker processes (torchvision) or DALI threads, per process
+    # DataLoader worker processes (torchvision) or DALI threads, per process; auto: min(8, usable
+    # cores / processes on this node), so a small machine is not over-subscribed
+    workers: str = "auto"
     crop_padding: int = 4  # CIFAR/MNIST augmentation: zero-pad then random crop (He et al. 2016)
     # Progressive resizing (FFCV): the train size grows from start_image_size to image_size between
     # the epochs resize_ramp_epochs=[start, end], in multiples of 32 px; 0 = off.
@@ -111,7 +113,8 @@ class DataConfig:
         _require("data.root", self.root, bool(self.root), "must not be empty")
         _number("data.batch_size", self.batch_size, 1)
         _number("data.image_size", self.image_size, 16, 2048)
-        _number("data.workers", self.workers, 0, 256)
+        _require("data.workers", self.workers, self.workers == "auto" or (self.workers.isdigit() and int(self.workers) <= 256),
+                 "expected auto or a whole number of workers in [0, 256]")
         _number("data.crop_padding", self.crop_padding, 0, 64)
         _require("data.start_image_size", self.start_image_size,
                  self.start_image_size == 0 or 16 <= self.start_image_size <= self.image_size,
@@ -235,12 +238,17 @@ class WandbConfig:
     project: str = "imagenet-resnet"
     entity: str = ""
     name: str = ""  # defaults to the out_dir's name
+    group: str = ""  # runs to compare together in wandb's UI (seeds, a sweep); empty: none
+    tags: list[str] = field(default_factory=list)  # e.g. [baseline, rn50]
+    notes: str = ""  # a line of description shown with the run
     init_timeout_s: float = 60.0  # online: give up on the server after this long and log offline instead
 
     def __post_init__(self) -> None:
         _choice("wandb.mode", self.mode, ("online", "offline", "disabled"))
         _require("wandb.project", self.project, bool(self.project), "must not be empty")
         _number("wandb.init_timeout_s", self.init_timeout_s, 0, 3600, low_open=True)
+        _require("wandb.tags", self.tags, all(0 < len(tag) <= 64 for tag in self.tags),
+                 "each tag 1 to 64 characters (wandb's limit)")
 
 
 @dataclass
@@ -268,12 +276,16 @@ def _omegaconf_message(err: OmegaConfBaseException) -> str:
     return f"config key {key}: {lines[0]}" if key else lines[0]
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML recipe, then `section.key=value` overrides, validated.
+def load_config(path: str | Path | None, overrides: list[str] = (), saved: dict[str, Any] | None = None,
+                saved_in: str = "") -> Config:
+    """Defaults, then a config `saved` in checkpoint `saved_in` (if given), then the YAML recipe,
+    then `section.key=value` overrides, validated.
 
-    A key or type error names where it came from: the recipe file, or the override itself.
+    A key or type error names where it came from: the checkpoint, the recipe file, or the override.
     """
     merged = OmegaConf.structured(Config)
+    if saved is not None:
+        merged = _merge(merged, OmegaConf.create(saved), f"{saved_in}: saved config: ")
     if path is not None:
         if not Path(path).is_file():
             raise UserError(f"{path}: config file not found")

@@ -23,7 +23,6 @@ centre crop, normalised by the mean/std in the printed summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import stat
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from imagenet_resnet.cli import existing_file, run_main
+from imagenet_resnet.cli import command, existing_file, run_main
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.inference import WEIGHTS, Trained, load_trained
 
@@ -97,9 +96,9 @@ EXPORTERS = {"safetensors": export_safetensors, "torchscript": export_torchscrip
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Export a trained checkpoint as safetensors, TorchScript or ONNX.")
+    p = command(__spec__.name, "Export a trained checkpoint as safetensors, TorchScript or ONNX.")
     p.add_argument("--checkpoint", required=True, type=existing_file, help="a best.pt or last.pt written by training")
-    p.add_argument("--format", required=True, choices=tuple(EXPORTERS))
+    p.add_argument("--format", required=True, choices=tuple(EXPORTERS), help="the file format to write")
     p.add_argument("--out", required=True, type=Path, help="the file to write")
     p.add_argument("--weights", choices=tuple(WEIGHTS), default="model", help="ema: the averaged weights, if trained with them")
     args = p.parse_args(argv)

@@ -99,6 +99,7 @@ class RunLog:
         id_file = out_dir / WANDB_ID
         run_id = id_file.read_text().strip() if resumed and id_file.exists() else secrets.token_hex(4)
         args = dict(project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=cfg.wandb.name or out_dir.name,
+                    group=cfg.wandb.group or None, tags=cfg.wandb.tags or None, notes=cfg.wandb.notes or None,
                     dir=str(out_dir), resume="allow",  # same id after a restart: the same run continues
                     config=config_to_dict(cfg), settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s))
         try:

@@ -6,37 +6,54 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from imagenet_resnet.cli import run_main
+from imagenet_resnet.cli import command, run_main
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.metrics import read_metrics
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+# Per panel: (metrics key, label, line style). One colour per run, one line style per series,
+# so several runs overlaid can still be told apart; EMA series appear when the run has them.
+PANELS = {
+    ("loss", "cross-entropy"): [("train_loss", "train", "-"), ("val_loss", "val", "--"), ("val_loss_ema", "val EMA", ":")],
+    ("val accuracy", "%"): [("val_top1", "top-1", "-"), ("val_top5", "top-5", "--"), ("val_top1_ema", "top-1 EMA", ":")],
+    ("learning rate (end of epoch)", "lr"): [("lr", "lr", "-")],
+}
+
+
+def draw(run_dirs: list[Path]):
+    """A matplotlib figure of every run's curves against the epoch, numbered as in metrics.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for run in run_dirs:
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, run in enumerate(run_dirs):
         records = read_metrics(run)
-        epochs = [r["epoch"] + 1 for r in records]
-        ax_loss.plot(epochs, [r["train_loss"] for r in records], marker="o", label=f"{run.name} train")
-        ax_loss.plot(epochs, [r["val_loss"] for r in records], marker=".", linestyle="--", label=f"{run.name} val")
-        ax_acc.plot(epochs, [r["val_top1"] for r in records], marker="o", label=f"{run.name} top-1")
-        ax_acc.plot(epochs, [r["val_top5"] for r in records], marker=".", linestyle="--", label=f"{run.name} top-5")
-        ax_lr.plot(epochs, [r["lr"] for r in records], marker="o", label=run.name)
-    for ax, title, ylabel in ((ax_loss, "loss", "cross-entropy"), (ax_acc, "val accuracy", "%"),
-                              (ax_lr, "learning rate (end of epoch)", "lr")):
+        for ax, series in zip(axes, PANELS.values()):
+            for key, label, style in series:
+                points = [(r["epoch"], r[key]) for r in records if key in r]
+                if points:
+                    epochs, values = zip(*points)
+                    ax.plot(epochs, values, color=colours[index % len(colours)], linestyle=style,
+                            marker="o" if style == "-" else ".", label=f"{run.name} {label}")
+    for ax, (title, ylabel) in zip(axes, PANELS):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = draw(run_dirs)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
@@ -54,7 +71,7 @@ def summary_table(run_dirs: list[Path]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Plot train loss, val top-1/top-5 and lr against epoch.")
+    p = command(__spec__.name, "Plot train loss, val top-1/top-5 and lr against epoch.")
     p.add_argument("runs", nargs="+", type=Path, help="run folders holding metrics.jsonl")
     p.add_argument("--out", type=Path, help="PNG path (default: <first run>/curves.png)")
     a = p.parse_args()

@@ -13,7 +13,6 @@ evaluation's resize, and an image of more than --max-pixels is refused.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imagenet_resnet.cli import existing_file, positive_int, run_main
+from imagenet_resnet.cli import command, existing_file, positive_int, run_main
 from imagenet_resnet.data import decode_error_text, read_image, val_resize_side
 from imagenet_resnet.distributed import pick_device
 from imagenet_resnet.errors import UserError
@@ -81,15 +80,15 @@ def load_image(path: Path, channels: int, min_side: int, max_pixels: int) -> tor
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Top classes of images by a trained checkpoint.")
+    p = command(__spec__.name, "Top classes of images by a trained checkpoint.")
     p.add_argument("--checkpoint", required=True, type=existing_file, help="a best.pt or last.pt written by training")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders searched for them")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
-    p.add_argument("--top", type=positive_int, default=5, help="classes per image (default 5)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--top", type=positive_int, default=5, help="classes per image")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
-                   help=f"refuse an image larger than this after reduced-size JPEG decoding (default {MAX_PIXELS:,})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+                   help="refuse an image larger than this many pixels after reduced-size JPEG decoding")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU when there is one")
     p.add_argument("--weights", choices=tuple(WEIGHTS), default="model", help="ema: the averaged weights, if trained with them")
     args = p.parse_args(argv)
     from PIL import Image

@@ -3,34 +3,56 @@
     python -m imagenet_resnet.train --config configs/cifar10_resnet56.yaml data.root=data
     torchrun --standalone --nproc_per_node=8 -m imagenet_resnet.train \\
         --config configs/imagenet_resnet50.yaml data.root=/data/imagenet run.out_dir=runs/rn50
-    python -m imagenet_resnet.train --check-config --config configs/imagenet_resnet50.yaml schedule.epochs=30
+    python -m imagenet_resnet.train --check-config --nproc 8 --config configs/imagenet_resnet50.yaml data.root=/data/imagenet
+    # config OK: model resnet50, data.dataset=imagenet (1281167 train / 50000 val images), run.out_dir=runs/default
+    # plan: global batch 1024 = 128 x 8 process(es); lr 0.4 = base_lr 0.1 x 1024/256; warmup 6255 steps ...
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from imagenet_resnet.cli import parse, parser, run_main
+from imagenet_resnet.cli import parse, parser, positive_int, run_main
+from imagenet_resnet.config import Config
+from imagenet_resnet.data import count_images
+from imagenet_resnet.errors import UserError
 from imagenet_resnet.lease import hold_lease
-from imagenet_resnet.trainer import run_training
+from imagenet_resnet.trainer import plan_text, run_training
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser("Train a ResNet (see configs/ for recipes).")
+    p = parser(__spec__.name, "Train a ResNet (see configs/ for recipes).")
     p.add_argument("--check-config", action="store_true",
-                   help="only validate the config and overrides and that no other job holds run.out_dir, then exit "
-                        "(launch scripts do this before torchrun, which would restart the workers on such an error)")
+                   help="check the config, the data and that no other job holds run.out_dir, print the plan (global "
+                        "batch, lr, steps, images), then exit; launch scripts do this before torchrun, which would "
+                        "restart the workers on such an error")
+    p.add_argument("--nproc", type=positive_int, help="with --check-config: the number of processes to plan for "
+                   "(default: WORLD_SIZE from torchrun's environment, else 1)")
     p.add_argument("--no-folder-check", action="store_true",
                    help="with --check-config: leave run.out_dir's lease alone (multi-node launches, where rank 0 "
                         "of the same job may hold it already)")
     args, cfg = parse(p, argv)
     if args.check_config:
-        if not args.no_folder_check:
-            with hold_lease(Path(cfg.run.out_dir), cfg.run.lease_timeout_s):  # as the run will take it, then let go
-                pass
-        print(f"config OK: model {cfg.model.name}, data.dataset={cfg.data.dataset}, run.out_dir={cfg.run.out_dir}")
+        check(cfg, args.nproc or int(os.environ.get("WORLD_SIZE", 1)), folder=not args.no_folder_check)
         return
     run_training(cfg)
+
+
+def check(cfg: Config, processes: int, folder: bool) -> None:
+    """What can be known before asking for GPUs: the data is there, the folder is free, the plan."""
+    train_images, val_images = count_images(cfg.data)
+    if folder:
+        with hold_lease(Path(cfg.run.out_dir), cfg.run.lease_timeout_s):  # as the run will take it, then let go
+            pass
+    steps_per_epoch = train_images // processes // cfg.data.batch_size // cfg.optim.accumulation_steps
+    if steps_per_epoch < 1:
+        raise UserError(f"config key data.batch_size={cfg.data.batch_size}: x {processes} processes x "
+                        f"{cfg.optim.accumulation_steps} accumulation steps is more than the {train_images} training "
+                        f"images: no full step per epoch")
+    print(f"config OK: model {cfg.model.name}, data.dataset={cfg.data.dataset} ({train_images} train / {val_images} "
+          f"val images), run.out_dir={cfg.run.out_dir}")
+    print(f"plan: {plan_text(cfg, processes, cfg.optim.accumulation_steps, steps_per_epoch)}", flush=True)
 
 
 if __name__ == "__main__":

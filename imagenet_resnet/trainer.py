@@ -27,7 +27,15 @@ from tqdm import tqdm
 
 from imagenet_resnet.checkpoint import BEST, LAST, capture_rng, load_file, load_latest, restore_rng, save_atomic, unwrap
 from imagenet_resnet.config import Config, config_to_dict, flatten, save_config
-from imagenet_resnet.data import Loader, build_loaders, class_names, input_channels, train_image_size
+from imagenet_resnet.data import (
+    Loader,
+    build_loaders,
+    class_names,
+    input_channels,
+    loader_workers,
+    resolve_loader,
+    train_image_size,
+)
 from imagenet_resnet.data.mixing import build_mixing
 from imagenet_resnet.distributed import (
     DistInfo,
@@ -54,6 +62,8 @@ FIXED_AT_START = ("model.name", "model.zero_init_residual", "model.blurpool", "m
 NOT_COMPARED = ("run.out_dir", "run.resume")  # where the run lives and came from, not what it trains
 # Keys that leave the train loader's stream as it was: its saved mid-epoch state still applies.
 SAME_STREAM = ("data.root", "data.workers")
+# The exit status after a SIGTERM stop with its checkpoint written: 128 + SIGTERM, as a shell reports it.
+STOPPED_EXIT = 143
 # Ranks agree on a SIGTERM this often (one tiny all-reduce): well inside torchrun's and Slurm's grace time.
 STOP_CHECK_EVERY_STEPS = 10
 
@@ -90,6 +100,17 @@ def build_network(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     channels_last = cfg.run.channels_last and dist.device.type == "cuda"
     return net.to(dist.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def plan_text(cfg: Config, processes: int, accumulation: int, steps_per_epoch: int) -> str:
+    """Global batch, lr by the linear rule, and the schedule's steps: what a run will do."""
+    global_batch = cfg.data.batch_size * processes * accumulation
+    schedule = Schedule.from_config(cfg.schedule, steps_per_epoch)
+    return (f"global batch {global_batch} = {cfg.data.batch_size} x {processes} process(es)"
+            + (f" x {accumulation} accumulation" if accumulation > 1 else "")
+            + f"; lr {scaled_lr(cfg.optim.base_lr, global_batch):g} = base_lr {cfg.optim.base_lr:g} x {global_batch}/256; "
+            f"warmup {schedule.warmup_steps} steps ({cfg.schedule.warmup_epochs:g} epochs); "
+            f"{steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {schedule.total_steps} steps")
 
 
 @torch.no_grad()
@@ -189,17 +210,12 @@ class Trainer:
             f"{self.dist.world_size} process(es) on {self.dist.device.type}, "
             f"{str(self.amp or torch.float32).removeprefix('torch.')}; {self.train_loader.num_images} train / "
             f"{self.val_loader.num_images} val images, {self.num_classes} classes"
+            + (f"; data.loader={loader} with {loader_workers(self.cfg.data.workers)} workers per process"
+               if (loader := resolve_loader(self.cfg, self.dist.device)) != "device" else "")
             + (f"; weights from {self.cfg.model.init_from}, freeze={self.cfg.model.freeze}" if self.cfg.model.init_from else ""),
             flush=True,
         )
-        print(
-            f"global batch {self.global_batch} = {self.cfg.data.batch_size} x {self.dist.world_size}"
-            + (f" x {self.accum} accumulation" if self.accum > 1 else "")
-            + f"; lr {self.peak_lr:g} = base_lr {self.cfg.optim.base_lr:g} x {self.global_batch}/256; "
-            f"warmup {self.schedule.warmup_steps} steps ({self.cfg.schedule.warmup_epochs:g} epochs); "
-            f"{self.steps_per_epoch} steps/epoch, {self.cfg.schedule.epochs} epochs",
-            flush=True,
-        )
+        print(plan_text(self.cfg, self.dist.world_size, self.accum, self.steps_per_epoch), flush=True)
         return RunLog(self.cfg, self.out_dir, self.position.epoch, resumed)
 
     def _find_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
@@ -404,6 +420,7 @@ class Trainer:
             if self.dist.is_main:
                 print(f"stopped by SIGTERM at epoch {self.position.epoch} step {self.position.step_in_epoch}; "
                       f"checkpoint saved, rerun the same command to continue", flush=True)
+            raise SystemExit(STOPPED_EXIT) from None  # stopped, not finished: a scheduler must not count it done
         finally:
             signal.signal(signal.SIGTERM, previous)
             if self.log:

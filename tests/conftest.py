@@ -26,9 +26,9 @@ def cli_env(gpu: bool = False) -> dict[str, str]:
 
 
 def run_module(module: str, *args: str, timeout: int = 600, check: bool = True, gpu: bool = False,
-               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+               env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`python -m module args` in a fresh process, as a user would run it (`env` adds variables)."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env={**cli_env(gpu), **(env or {})},
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env={**cli_env(gpu), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -86,7 +86,7 @@ BAD_VALUES = {
     "data.batch_size": ["0", "-3", "many"],
     "data.image_size": ["0", "4096"],
     "data.loader": ["ffcv"],
-    "data.workers": ["-1"],
+    "data.workers": ["-1", "many", "300"],
     "data.crop_padding": ["-1"],
     "data.start_image_size": ["8", "4096"],
     "data.resize_ramp_epochs": ["[3,1]", "[1]"],
@@ -132,8 +132,9 @@ BAD_VALUES = {
     "wandb.mode": ["cloud"],
     "wandb.project": ["''"],
     "wandb.init_timeout_s": ["0", "nan"],
+    "wandb.tags": ["[" + "x" * 65 + "]", "['']"],
 }
-ANY_STRING = {"wandb.entity", "wandb.name"}  # free text: no value is wrong
+ANY_STRING = {"wandb.entity", "wandb.name", "wandb.group", "wandb.notes"}  # free text: no value is wrong
 
 # Rules across keys: (overrides, the key the error must name).
 CROSS_KEY = [
@@ -265,3 +266,91 @@ def test_bad_flags_of_the_other_tools(module, args, named, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(errors) == 1 and named in errors[0], proc.stderr
     assert not (tmp_path / "g").exists()
+
+
+# --- the pre-check and what each tool says of itself (issue 26) --------------------------------
+
+
+def test_check_config_prints_the_plan(cifar_root, tmp_path):
+    proc = run_module("imagenet_resnet.train", "--check-config", "--nproc", "4", "--config", "configs/cifar10_resnet20.yaml",
+                      f"data.root={cifar_root}", f"run.out_dir={tmp_path / 'run'}", "data.batch_size=16",
+                      "optim.accumulation_steps=2", "schedule.epochs=10", "schedule.warmup_epochs=2")
+    assert "(600 train / 110 val images)" in proc.stdout
+    # 600 images / 4 processes = 150 each; 9 batches of 16; 4 optimizer steps of 2 micro-batches
+    assert ("plan: global batch 128 = 16 x 4 process(es) x 2 accumulation; lr 0.1 = base_lr 0.2 x 128/256; "
+            "warmup 8 steps (2 epochs); 4 steps/epoch x 10 epochs = 40 steps") in proc.stdout
+    assert not (tmp_path / "run").exists()  # the lease was taken and let go; nothing left behind
+
+
+@pytest.mark.parametrize("dataset, root, named", [
+    ("imagenet", "{tmp}/nowhere", "no such folder"),
+    ("imagenet", "{folders}", "use data.dataset=folder"),
+    ("imagenet", "{tmp}", "not a finished prepare-imagenet output"),
+    ("folder", "{tmp}", "expects train/ and val/"),
+    ("cifar10", "{tmp}", "cifar10 not found"),
+])
+def test_the_launch_script_stops_once_on_missing_data(tmp_path, dataset, root, named):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    folders = tmp_path / "own_images"
+    for split in ("train", "val"):
+        (folders / split / "cat").mkdir(parents=True)
+    config = "configs/cifar10_resnet20.yaml" if dataset == "cifar10" else "configs/demo_resnet18.yaml"
+    proc = subprocess.run(["bash", "launch/single_node.sh", config, f"data.dataset={dataset}",
+                           f"data.root={root.format(tmp=tmp_path, folders=folders)}", f"run.out_dir={tmp_path / 'run'}"],
+                          cwd=REPO, env={**cli_env(), "NPROC": "2", "PYTHON": sys.executable}, capture_output=True,
+                          text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and named in errors[0], proc.stderr[-2000:]
+    assert "ChildFailedError" not in proc.stderr and "Traceback" not in proc.stderr  # torchrun never started
+
+
+def test_data_workers_auto_follows_the_cores_and_the_processes_on_the_node(monkeypatch):
+    import os
+
+    from imagenet_resnet.data import loader_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert load_config(None).data.workers == "auto" and loader_workers("3") == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_workers("auto") == max(1, min(8, cores))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's processes on this node
+    assert loader_workers("auto") == max(1, min(8, cores // 2))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cores))
+    assert loader_workers("auto") == 1
+
+
+ENTRY_POINTS = ["imagenet_resnet.train", "imagenet_resnet.evaluate", "imagenet_resnet.predict", "imagenet_resnet.export",
+                "imagenet_resnet.plot", "imagenet_resnet.bench", "imagenet_resnet.checkpoint", "data_prep.generate",
+                "data_prep.devkit", "data_prep.extract", "data_prep.finish"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_help_names_the_command_and_every_option_says_what_it_does_and_its_default(module, monkeypatch, capsys):
+    import argparse
+    import importlib
+    import sys
+
+    from imagenet_resnet import cli
+
+    made = []
+    real = cli.command
+    monkeypatch.setattr(cli, "command", lambda *a, **k: made.append(real(*a, **k)) or made[-1])  # records, still real
+    entry = importlib.import_module(module)
+    monkeypatch.setattr(entry, "command", cli.command, raising=False)
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as stop:
+        entry.main()
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {module} ")
+    (parser,) = made
+    parsers = [parser] + [sub for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+                          for sub in action.choices.values()]
+    assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)  # "(default: ...)" after help
+    for each in parsers:
+        for action in each._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{module} {action.option_strings or action.dest}: no help text"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -60,6 +61,13 @@ def kill_when(proc: subprocess.Popen, text: str, delay_s: float = 0.0) -> None:
 def finish(proc: subprocess.Popen) -> str:
     out = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def stopped(proc: subprocess.Popen) -> str:
+    """Output of a run stopped by SIGTERM: status 143, stopped after its checkpoint, not finished."""
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 143 and "stopped by SIGTERM" in out, out[-3000:]
     return out
 
 
@@ -121,8 +129,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(cifar_root, tm
     proc.send_signal(signal.SIGTERM)  # to torchrun for 2 processes: it passes SIGTERM on to its workers
     output = proc.communicate(timeout=300)[0]
     assert "stopped by SIGTERM at epoch 1" in output, output[-3000:]
-    if nproc == 1:
-        assert proc.returncode == 0
+    assert proc.returncode == (143 if nproc == 1 else 1)  # torchrun itself, signalled, ends with 1
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["position"]["epoch"] == 1 and state["position"]["step_in_epoch"] > 0
     finish(start(train_cmd(nproc, cifar_root, out)))
@@ -176,7 +183,52 @@ def test_resume_on_a_different_world_size_follows_the_policy(cifar_root, tmp_pat
     assert [r["epoch"] for r in records] == [0, 1] and records[-1]["val_images"] == 110
 
 
-def test_slurm_script_checkpoints_and_requeues_on_the_time_limit_signal(cifar_root, tmp_path):
+IMAGENET_STOP_ARGS = ["data.image_size=32", "data.batch_size=4", "data.workers=2", "schedule.epochs=2",
+                      "schedule.warmup_epochs=0", "run.log_every_steps=1", "run.checkpoint_every_steps=0",
+                      "wandb.mode=disabled"]
+
+
+def launched(imagenet_root: Path, out: Path, loader: str) -> subprocess.Popen:
+    """launch/single_node.sh with 2 processes, each with 2 loader worker processes (DALI: threads)."""
+    return subprocess.Popen(["bash", "launch/single_node.sh", "configs/imagenet_resnet18.yaml", f"data.root={imagenet_root}",
+                             f"data.loader={loader}", f"run.out_dir={out}", *IMAGENET_STOP_ARGS], cwd=REPO,
+                            env={**cli_env(), "NPROC": "2", "PYTHON": sys.executable}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def imagenet_reference(imagenet_root, tmp_path_factory) -> Callable[[str], list[dict]]:
+    done: dict[str, list[dict]] = {}
+
+    def reference(loader: str) -> list[dict]:
+        if loader not in done:
+            out = tmp_path_factory.mktemp(f"reference_{loader}")
+            finish(launched(imagenet_root, out, loader))
+            done[loader] = exact(read_metrics(out))
+        return done[loader]
+
+    return reference
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_sigterm_to_the_launcher_with_loader_workers_checkpoints_and_resumes_exactly(imagenet_root, tmp_path,
+                                                                                     imagenet_reference, loader):
+    """torchrun signals each rank's whole process group: DataLoader workers must not die of it first."""
+    out = tmp_path / "run"
+    proc = launched(imagenet_root, out, loader)
+    wait_for(proc, "epoch 1 step 3/")
+    proc.send_signal(signal.SIGTERM)
+    output = stopped(proc)
+    assert "stopped by SIGTERM at epoch 1" in output and "killed by signal" not in output, output[-3000:]
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["position"]["epoch"] == 1 and state["position"]["step_in_epoch"] > 0
+    if loader == "dali":  # DALI's reader position and RNG travel in last.pt: the resumed epoch is bit-identical
+        assert all(s["epoch"] == 1 and s["done"] == state["position"]["step_in_epoch"] for s in state["loader"])
+    finish(launched(imagenet_root, out, loader))
+    assert exact(read_metrics(out)) == imagenet_reference(loader)
+
+
+def test_slurm_script_checkpoints_and_requeues_on_the_time_limit_signal(imagenet_root, tmp_path, imagenet_reference):
     """launch/slurm.sbatch on a machine without Slurm: `srun` runs its command, `scontrol` logs its calls."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -187,11 +239,10 @@ def test_slurm_script_checkpoints_and_requeues_on_the_time_limit_signal(cifar_ro
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     out = tmp_path / "run"
-    env = dict(cli_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable, CONFIG="configs/cifar10_resnet20.yaml",
-               SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1", SLURM_JOB_ID="4242", GPUS_PER_NODE="2",
-               RDZV_PORT="29533")
-    args = [f"data.root={cifar_root}", f"run.out_dir={out}", "schedule.epochs=2", "data.batch_size=16",
-            "run.log_every_steps=1", "wandb.mode=disabled"]
+    env = dict(cli_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable,
+               CONFIG="configs/imagenet_resnet18.yaml", SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1",
+               SLURM_JOB_ID="4242", GPUS_PER_NODE="2", RDZV_PORT="29533")
+    args = [f"data.root={imagenet_root}", "data.loader=torchvision", f"run.out_dir={out}", *IMAGENET_STOP_ARGS]
     job = subprocess.Popen(["bash", "launch/slurm.sbatch", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for(job, "epoch 0 step 6/")
@@ -199,25 +250,8 @@ def test_slurm_script_checkpoints_and_requeues_on_the_time_limit_signal(cifar_ro
     output = job.communicate(timeout=300)[0]
     assert job.returncode == 0, output[-3000:]
     assert "checkpointing and requeueing job 4242" in output and "stopped by SIGTERM at epoch 0" in output
+    assert "not 143" not in output and "killed by signal" not in output  # the step ended as a clean stop does
     assert "requeue 4242" in calls.read_text()
     assert torch.load(out / "last.pt", weights_only=True)["position"]["step_in_epoch"] > 0
-
-
-def test_dali_run_stopped_mid_epoch_continues_with_the_same_crops(imagenet_root, tmp_path):
-    """DALI's checkpoint (reader position + RNG) travels in last.pt: the resumed epoch is bit-identical."""
-    def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-m", "imagenet_resnet.train", "--config", "configs/imagenet_resnet18.yaml",
-                f"data.root={imagenet_root}", "data.loader=dali", "data.image_size=32", "data.batch_size=8",
-                "data.workers=1", "schedule.epochs=2", "schedule.warmup_epochs=0", "run.log_every_steps=1",
-                "run.checkpoint_every_steps=0", "wandb.mode=disabled", f"run.out_dir={out}"]
-
-    finish(start(cmd(tmp_path / "reference")))
-    out = tmp_path / "run"
-    proc = start(cmd(out))
-    wait_for(proc, "epoch 1 step 3/")
-    proc.send_signal(signal.SIGTERM)
-    assert "stopped by SIGTERM at epoch 1" in proc.communicate(timeout=300)[0]
-    state = torch.load(out / "last.pt", weights_only=True)
-    assert state["loader"][0]["epoch"] == 1 and state["loader"][0]["done"] == state["position"]["step_in_epoch"] > 0
-    finish(start(cmd(out)))
-    assert exact(read_metrics(out)) == exact(read_metrics(tmp_path / "reference"))
+    finish(launched(imagenet_root, out, "torchvision"))  # the requeued job: the same command
+    assert exact(read_metrics(out)) == imagenet_reference("torchvision")

@@ -28,3 +28,21 @@ def test_plot_writes_a_png_of_the_curves_and_a_table(tmp_path):
 def test_plot_without_metrics_is_a_clear_error(tmp_path):
     proc = run_module("imagenet_resnet.plot", str(tmp_path), check=False)
     assert proc.returncode == 2 and "no metrics.jsonl" in proc.stderr
+
+
+def test_plot_numbers_epochs_as_metrics_does_and_tells_runs_and_series_apart(tmp_path):
+    from imagenet_resnet.plot import draw
+
+    a, b = fake_run(tmp_path / "a", 70), fake_run(tmp_path / "b", 50)
+    records = [json.loads(line) | {"val_top1_ema": 30.0, "val_loss_ema": 1.0}
+               for line in (a / "metrics.jsonl").read_text().splitlines()]
+    (a / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # run a has an EMA
+    loss, accuracy, lr = draw([a, b]).axes
+    lines = {line.get_label(): line for line in accuracy.get_lines()}
+    assert sorted(lines) == ["a top-1", "a top-1 EMA", "a top-5", "b top-1", "b top-5"]
+    assert list(lines["a top-1"].get_xdata()) == [0, 1, 2, 3, 4]  # epochs as metrics.jsonl numbers them
+    assert list(lines["a top-1 EMA"].get_ydata()) == [30.0] * 5
+    assert lines["a top-1"].get_color() == lines["a top-5"].get_color() == lines["a top-1 EMA"].get_color()
+    assert lines["a top-1"].get_color() != lines["b top-1"].get_color()  # one colour per run
+    assert [lines[f"a {s}"].get_linestyle() for s in ("top-1", "top-5", "top-1 EMA")] == ["-", "--", ":"]
+    assert "a val EMA" in [line.get_label() for line in loss.get_lines()]

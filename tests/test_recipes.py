@@ -24,7 +24,7 @@ from imagenet_resnet.metrics import read_metrics
 from imagenet_resnet.models import build_model
 from imagenet_resnet.optim import Schedule, build_optimizer
 from imagenet_resnet.trainer import evaluate
-from test_fault_tolerance import EXACT_KEYS, finish, kill_when, start, wait_for
+from test_fault_tolerance import EXACT_KEYS, finish, kill_when, start, stopped as stopped_run, wait_for
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -195,7 +195,7 @@ def test_fp16_skips_overflowing_steps_and_resumes_with_its_scaler(tmp_path):
     stopped = start([sys.executable, *args, f"run.out_dir={tmp_path / 'resumed'}"])
     wait_for(stopped, "epoch 1 step 1/")
     stopped.send_signal(signal.SIGTERM)
-    assert "stopped by SIGTERM at epoch 1" in finish(stopped)
+    assert "stopped by SIGTERM at epoch 1" in stopped_run(stopped)
     state = load_file(tmp_path / "resumed" / "last.pt")
     assert state["position"]["epoch"] == 1 and state["position"]["step_in_epoch"] >= 1  # stopped inside epoch 1
     assert state["scaler"]["scale"] < 1e9  # overflowing steps were skipped and the scale lowered, not a NaN stop

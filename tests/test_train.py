@@ -22,7 +22,8 @@ def wandb_run_bytes(out_dir) -> bytes:
 def trained(cifar_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     proc = run_module("imagenet_resnet.train", *ARGS, f"data.root={cifar_root}", f"run.out_dir={out}",
-                      "schedule.epochs=4", "wandb.mode=offline")
+                      "schedule.epochs=4", "wandb.mode=offline", "wandb.group=seeds-of-rn20", "wandb.tags=[baseline,cifar]",
+                      "wandb.notes=first try at batch 32")
     return out, proc
 
 
@@ -71,6 +72,25 @@ def test_evaluate_prints_json_last_line(trained, cifar_root):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["val_images"] == 110
     assert result["val_top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(out)[:4]))
+
+
+def test_evaluate_uses_the_checkpoints_own_config_and_names_the_files_in_a_folder(trained, tmp_path):
+    out, _ = trained
+    proc = run_module("imagenet_resnet.evaluate", "--checkpoint", str(out / "best.pt"), cwd=tmp_path)  # no data/ here
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["val_images"] == 110  # the checkpoint's data.root, dataset and model
+    assert result["val_top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(out)[:4]))
+    proc = run_module("imagenet_resnet.evaluate", "--checkpoint", str(out / "best.pt"), "data.root=/nonexistent",
+                      check=False)  # overrides go on top of it
+    assert proc.returncode == 2 and "/nonexistent" in proc.stderr
+    proc = run_module("imagenet_resnet.evaluate", "--checkpoint", str(out), check=False)
+    assert proc.returncode == 2 and f"e.g. {out / 'best.pt'} or {out / 'last.pt'}" in proc.stderr
+
+
+def test_wandb_keeps_the_group_tags_and_notes(trained):
+    recorded = b"".join(path.read_bytes() for path in trained[0].glob("wandb/offline-run-*/run-*.wandb"))
+    for value in (b"seeds-of-rn20", b"baseline", b"cifar", b"first try at batch 32"):
+        assert value in recorded
 
 
 def test_checkpoint_from_another_model_is_refused(trained, cifar_root):

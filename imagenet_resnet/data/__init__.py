@@ -20,25 +20,26 @@ import torch
 from imagenet_resnet.config import Config
 from imagenet_resnet.data.datasets import (
     SMALL_DATASETS,
-    check_prepared,
     class_names,
+    count_images,
     decode_error_text,
     input_channels,
     normalization,
     read_cifar,
-    read_image,
     read_file_lists,
+    read_image,
     read_mnist,
-    scan_folders,
+    read_samples,
 )
 from imagenet_resnet.data.device_loader import DeviceLoader
-from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, shard_range, train_image_size
+from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, loader_workers, shard_range, train_image_size
 from imagenet_resnet.data.torchvision_loader import build_torchvision_loaders
 from imagenet_resnet.data.transforms import val_resize_side, val_transform
 from imagenet_resnet.distributed import DistInfo
 
-__all__ = ["DeviceLoader", "Loader", "Normalizer", "TrainSampler", "build_loaders", "class_names", "decode_error_text",
-           "input_channels", "normalization", "read_cifar", "read_image", "read_file_lists", "resolve_loader", "shard_range",
+__all__ = ["DeviceLoader", "Loader", "Normalizer", "TrainSampler", "build_loaders", "class_names", "count_images",
+           "decode_error_text",
+           "input_channels", "loader_workers", "normalization", "read_cifar", "read_image", "read_file_lists", "resolve_loader", "shard_range",
            "train_image_size", "val_resize_side", "val_transform"]
 
 def resolve_loader(cfg: Config, device: torch.device) -> str:
@@ -67,12 +68,7 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
         train = DeviceLoader(train_x, train_y, train=True, padding=cfg.data.crop_padding, flip=spec.flip, **args)
         val = DeviceLoader(val_x, val_y, train=False, padding=0, flip=False, **args)
         return train, val, spec.classes
-    root = Path(cfg.data.root)
-    if dataset == "imagenet":
-        check_prepared(root)
-        samples, num_classes = read_file_lists(root)
-    else:
-        samples, num_classes = scan_folders(root)
+    samples, num_classes = read_samples(Path(cfg.data.root), dataset)
     normalize = Normalizer.create(*normalization(dataset), dist.device, input_dtype, channels_last)
     if kind == "dali":
         from imagenet_resnet.data.dali_loader import build_dali_loaders  # only here: DALI may be absent

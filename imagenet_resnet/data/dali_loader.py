@@ -28,6 +28,7 @@ from imagenet_resnet.data.sampling import (
     Normalizer,
     TrainSampler,
     augmentation_seed,
+    loader_workers,
     shard_range,
     train_image_size,
     val_image_size,
@@ -90,7 +91,7 @@ class DaliLoader(Loader):
                  samples: list[tuple[str, int]]) -> None:
         self.root = str(Path(cfg.data.root) / split)
         self.samples, self.normalize, self.dist = samples, normalize, dist
-        self.batch_size, self.threads, self.data = cfg.data.batch_size, max(1, cfg.data.workers), cfg.data
+        self.batch_size, self.threads, self.data = cfg.data.batch_size, max(1, loader_workers(cfg.data.workers)), cfg.data
         self.seed = cfg.run.seed
         self.train = split == "train"
         self.num_images = len(samples)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from data_prep.layout import COMPLETE_MARKER
-from imagenet_resnet.config import Config
+from imagenet_resnet.config import Config, DataConfig
 from imagenet_resnet.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -194,11 +194,39 @@ def scan_folders(root: Path) -> tuple[Samples, int]:
 
 
 def check_prepared(root: Path) -> None:
-    if not (root / COMPLETE_MARKER).is_file():
-        raise UserError(
-            f"{root}: not a finished prepare-imagenet output (no {COMPLETE_MARKER} marker). "
-            f"Run: make prepare-imagenet SRC=<archives> DEST={root}"
-        )
+    if (root / COMPLETE_MARKER).is_file():
+        return
+    if (root / "train").is_dir() and (root / "val").is_dir() and not (root / "train.txt").exists():
+        raise UserError(f"{root}: holds train/ and val/ folders but is not a prepare-imagenet output (no "
+                        f"{COMPLETE_MARKER}, no train.txt); for your own class folders use data.dataset=folder")
+    raise UserError(
+        f"{root}: not a finished prepare-imagenet output (no {COMPLETE_MARKER} marker). "
+        f"Run: make prepare-imagenet SRC=<archives> DEST={root}"
+    )
+
+
+def read_samples(root: Path, dataset: str) -> tuple[Samples, int]:
+    """The train/val files and labels of an ImageNet-style dataset, and its class count."""
+    if dataset == "imagenet":
+        check_prepared(root)
+        return read_file_lists(root)
+    return scan_folders(root)
+
+
+def count_images(data: DataConfig) -> tuple[int, int]:
+    """(train, val) images of data.dataset under data.root, read as the loaders will read them;
+    UserError naming what is missing (the launch scripts check this before starting torchrun)."""
+    root = Path(data.root)
+    if not root.is_dir():
+        raise UserError(f"config key data.root={data.root!r}: " + ("is a file; expected a folder" if root.exists()
+                                                                    else "no such folder"))
+    if data.dataset in SMALL_DATASETS:
+        read = read_cifar if data.dataset.startswith("cifar") else read_mnist
+        train, _, val, _ = read(root, data.dataset)
+    else:
+        (samples, _) = read_samples(root, data.dataset)
+        train, val = samples["train"], samples["val"]
+    return len(train), len(val)
 
 
 def unreadable_image(path: Path | str, reason: str) -> UserError:

@@ -13,6 +13,7 @@ seeds, the per-epoch train size, and normalisation on the device.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Protocol
 
@@ -67,6 +68,15 @@ class Normalizer:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return ((images.float() - self.mean) / self.std).to(self.dtype)
+
+
+def loader_workers(workers: str) -> int:
+    """data.workers as a count: auto is min(8, the cores this process may use / processes on this node
+    (torchrun's LOCAL_WORLD_SIZE)), at least 1."""
+    if workers != "auto":
+        return int(workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def train_image_size(data: DataConfig, epoch: int) -> int:

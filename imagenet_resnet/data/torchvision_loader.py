@@ -6,6 +6,7 @@ processes, batches normalised on the device.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imagenet_resnet.config import Config
 from imagenet_resnet.data.datasets import Samples, decode_error_text, read_image, unreadable_image
-from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, shard_range, train_image_size
+from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, loader_workers, shard_range, train_image_size
 from imagenet_resnet.data.transforms import train_transform, val_transform
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
@@ -68,6 +69,14 @@ class HostLoader(Loader):
             yield self.normalize(images), labels.to(self.device, non_blocking=True)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM and SIGINT to their rank. torchrun, Slurm and Kubernetes signal
+    a rank's whole process group: workers that died of it first would crash the rank before it can
+    save its stop checkpoint. The workers end with their rank (PyTorch's watchdog), as always."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer,
                               samples: Samples) -> tuple[HostLoader, HostLoader]:
     root = Path(cfg.data.root)
@@ -81,7 +90,7 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
 
     val_tf = val_transform(cfg)
     pin = dist.device.type == "cuda"
-    workers = cfg.data.workers
+    workers = loader_workers(cfg.data.workers)
 
     def make(split, samples, transform, sampler, drop_last):
         loader = DataLoader(
@@ -93,6 +102,7 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
             drop_last=drop_last,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=ignore_stop_signals,
         )
         return loader
 
