@@ -27,7 +27,7 @@ demo: $(STAMP)  ## generate small ILSVRC2012 archives, prepare them, train ResNe
 	bash launch/demo.sh $(ARGS)
 
 test: $(STAMP)  ## the whole suite (unit + end-to-end with several processes)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)  ## unit tests only
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)

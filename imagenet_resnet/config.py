@@ -217,6 +217,10 @@ class RunConfig:
     # One job per out_dir: a job that died frees the folder after this long without a heartbeat
     # (at once on its own host, where a dead PID is recognised).
     lease_timeout_s: float = 60.0
+    # A collective that waits longer than this (a rank hung: a GPU off the bus, a stalled read, a
+    # frozen process) ends the rank, and torchrun restarts the group from the newest checkpoint.
+    # NCCL's usual default.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _folder_or_absent("run.out_dir", self.out_dir)
@@ -230,6 +234,7 @@ class RunConfig:
         _number("run.checkpoint_every_steps", self.checkpoint_every_steps, 0)
         _number("run.log_every_steps", self.log_every_steps, 1)
         _number("run.lease_timeout_s", self.lease_timeout_s, 1, 3600)
+        _number("run.collective_timeout_s", self.collective_timeout_s, 5, 86400)
 
 
 @dataclass

@@ -10,7 +10,10 @@ on the CPU. As a plain process it is rank 0 of 1 and no group is created.
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, TypeVar
@@ -29,6 +32,8 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    store: Any = None  # torchrun's key-value store (ranks report their progress there)
+    timeout_s: float = 600.0  # of every collective
 
     @property
     def is_main(self) -> bool:
@@ -60,22 +65,52 @@ def store_prefix(world_size: int) -> str:
     return f"default_pg/attempt{attempt}" if one_node else "default_pg"
 
 
-def init_distributed(requested_device: str) -> DistInfo:
+def init_distributed(requested_device: str, timeout_s: float = 600.0) -> DistInfo:
+    """Join torchrun's group (if any); every collective and the rendezvous wait at most timeout_s."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(requested_device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    store = None
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = timedelta(minutes=30)
+        timeout = timedelta(seconds=timeout_s)
         store, _, _ = next(torch_dist.rendezvous("env://", rank, world_size, timeout=timeout))
-        torch_dist.init_process_group(
-            backend, store=torch_dist.PrefixStore(store_prefix(world_size), store), rank=rank, world_size=world_size,
-            timeout=timeout, device_id=device if device.type == "cuda" else None,
-        )
-    return DistInfo(rank, local_rank, world_size, device)
+        store = torch_dist.PrefixStore(store_prefix(world_size), store)
+        torch_dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                                      device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, local_rank, world_size, device, store, timeout_s)
+
+
+def report_progress(dist: DistInfo, mark: tuple[int, int], where: str) -> None:
+    """Where this rank is, in the job's store: a rank whose collective times out names the ranks
+    that had not got as far. `mark` orders the places (global step, then phase: 0 training, 1
+    evaluation); one small write at the trainer's agreement points."""
+    if dist.store is not None:
+        dist.store.set(f"progress/{dist.rank}", json.dumps([list(mark), where, time.time()]))
+
+
+def collective_timed_out(err: BaseException) -> bool:
+    """gloo's and NCCL's ways of saying a collective waited past the group's timeout."""
+    return isinstance(err, RuntimeError) and bool(re.search(r"timed out|timeout", str(err), re.IGNORECASE))
+
+
+def laggards(dist: DistInfo) -> str:
+    """The other ranks' last reports, those behind this rank's first: who had not got as far."""
+    if dist.store is None:
+        return "no reports"
+    marks = {rank: json.loads(dist.store.get(f"progress/{rank}")) for rank in range(dist.world_size)
+             if dist.store.check([f"progress/{rank}"])}
+    own = marks.get(dist.rank, [[-1, 0]])[0]
+    others = [(mark >= own, f"rank {rank} at {where}, {time.time() - at:.0f} s ago")
+              for rank, (mark, where, at) in sorted(marks.items()) if rank != dist.rank]
+    behind = [text for level, text in others if not level]
+    silent = [f"rank {rank} (no report yet)" for rank in range(dist.world_size) if rank not in marks and rank != dist.rank]
+    if behind or silent:
+        return "behind this rank: " + ", ".join(behind + silent)
+    return "no rank is behind this one's last report; the others last reported: " + ", ".join(t for _, t in others)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

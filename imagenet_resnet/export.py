@@ -23,6 +23,7 @@ centre crop, normalised by the mean/std in the printed summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -106,10 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     trained = load_trained(args.checkpoint, args.weights)
     example = torch.zeros(1, trained.channels, trained.size, trained.size)
     # Written beside --out under a new name, then renamed: a failed export leaves no file that looks finished.
-    fd, name = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".partial")
+        os.close(fd)
+        tmp = Path(name)
         with torch.no_grad():
             EXPORTERS[args.format](trained, example, tmp)
         os.chmod(tmp, mode)
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as err:
         raise UserError(f"--out {args.out}: could not write ({err.strerror or err})") from err
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     print(f"wrote {args.out}: {trained.cfg.model.name} ({trained.weights} weights), {len(trained.names)} classes, "
           f"input {trained.channels}x{trained.size}x{trained.size} normalised with mean {trained.mean} std {trained.std}; "
           f"the same network as {trained.loads_into}", flush=True)

@@ -43,8 +43,11 @@ from imagenet_resnet.distributed import (
     all_reduce_sum,
     average_buffers,
     broadcast_object,
+    collective_timed_out,
     init_distributed,
+    laggards,
     main_only,
+    report_progress,
     shutdown,
 )
 from imagenet_resnet.errors import UserError
@@ -210,9 +213,9 @@ class Trainer:
             f"{self.dist.world_size} process(es) on {self.dist.device.type}, "
             f"{str(self.amp or torch.float32).removeprefix('torch.')}; {self.train_loader.num_images} train / "
             f"{self.val_loader.num_images} val images, {self.num_classes} classes"
-            + (f"; data.loader={loader} with {loader_workers(self.cfg.data.workers)} workers per process"
-               if (loader := resolve_loader(self.cfg, self.dist.device)) != "device" else "")
-            + (f"; weights from {self.cfg.model.init_from}, freeze={self.cfg.model.freeze}" if self.cfg.model.init_from else ""),
+            + (f"; weights from {self.cfg.model.init_from}, freeze={self.cfg.model.freeze}" if self.cfg.model.init_from else "")
+            + (f"; data.loader={loader}, {loader_workers(self.cfg.data.workers)} worker(s) per process"
+               if (loader := resolve_loader(self.cfg, self.dist.device)) != "device" else ""),
             flush=True,
         )
         print(plan_text(self.cfg, self.dist.world_size, self.accum, self.steps_per_epoch), flush=True)
@@ -235,8 +238,8 @@ class Trainer:
             return set(state["pretrained"])
         if not self.cfg.model.init_from:
             return set()
-        names = load_pretrained(self.net, self.cfg.model.init_from)  # a resumed run's weights replace these
-        return names
+        return load_pretrained(self.net, self.cfg.model.init_from)  # a resumed run's weights then replace these
+
     def _choose_checkpoint(self) -> tuple[dict[str, Any] | None, Path | None]:
         """out_dir's own newest checkpoint; run.resume only seeds a folder that has none, so a
         restarted or requeued command continues its own progress instead of going back to it."""
@@ -403,6 +406,7 @@ class Trainer:
         try:
             for epoch in range(self.position.epoch, self.cfg.schedule.epochs):
                 train_stats = self.train_epoch(epoch)
+                report_progress(self.dist, (self.position.global_step, 1), f"epoch {epoch} evaluation")
                 average_buffers(self.net)
                 val_stats = self.evaluate()
                 self._check_finite_eval(val_stats, epoch)
@@ -492,6 +496,7 @@ class Trainer:
             done = step + 1
             log_due = done % log_every == 0 or done == self.steps_per_epoch
             if log_due or done % STOP_CHECK_EVERY_STEPS == 0 or self._checkpoint_due(done):
+                report_progress(self.dist, (self.position.global_step, 0), f"epoch {epoch} step {done}")
                 self._check_finite(first_bad, epoch)
                 if log_due:
                     self._log_step(epoch, done, loss, show_bar)
@@ -553,11 +558,26 @@ class Trainer:
 
 
 def run_training(cfg: Config) -> list[dict[str, Any]]:
-    """Train to cfg.schedule.epochs (continuing a previous run in cfg.run.out_dir); per-epoch records."""
-    dist = init_distributed(cfg.run.device)
+    """Train to cfg.schedule.epochs (continuing a previous run in cfg.run.out_dir); per-epoch records.
+
+    A collective that times out (another rank hung) ends this rank with one line saying where, and
+    which ranks had not got there; torchrun then restarts the group, which resumes from last.pt.
+    """
+    dist = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
+    trainer = None
     try:
         with contextlib.ExitStack() as held:
             lease = main_only(lambda: held.enter_context(hold_lease(Path(cfg.run.out_dir), cfg.run.lease_timeout_s)))
-            return Trainer(cfg, dist, lease).fit()
+            trainer = Trainer(cfg, dist, lease)
+            return trainer.fit()
+    except RuntimeError as err:
+        if not collective_timed_out(err):
+            raise
+        pos = trainer.position if trainer else Position()
+        where = f"epoch {pos.epoch} step {pos.step_in_epoch}" if trainer else "start-up"
+        raise UserError(
+            f"rank {dist.rank}: a collective timed out after {cfg.run.collective_timeout_s:g} s "
+            f"(run.collective_timeout_s) at {where}; {laggards(dist)}. "
+            f"Under torchrun's --max-restarts the group restarts and resumes from the newest checkpoint") from None
     finally:
         shutdown()

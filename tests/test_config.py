@@ -128,6 +128,7 @@ BAD_VALUES = {
     "run.checkpoint_every_steps": ["-1"],
     "run.log_every_steps": ["0"],
     "run.lease_timeout_s": ["0.5", "inf"],
+    "run.collective_timeout_s": ["1", "inf"],
     "run.on_world_size_change": ["guess"],
     "wandb.mode": ["cloud"],
     "wandb.project": ["''"],
@@ -222,10 +223,13 @@ def test_an_override_error_names_the_override_not_the_recipe(capsys):
     assert "cifar10_resnet20.yaml" not in err
 
 
-def test_check_config_validates_without_training(tmp_path):
+def test_check_config_validates_without_training(imagenet_root, tmp_path):
     proc = run_module("imagenet_resnet.train", "--check-config", "--config", "configs/imagenet_resnet50.yaml",
-                      f"run.out_dir={tmp_path / 'run'}")
+                      f"data.root={imagenet_root}", "data.batch_size=8", f"run.out_dir={tmp_path / 'run'}")
     assert "config OK: model resnet50" in proc.stdout and not (tmp_path / "run").exists()
+    proc = run_module("imagenet_resnet.train", "--check-config", "--config", "configs/imagenet_resnet50.yaml",
+                      f"data.root={imagenet_root}", f"run.out_dir={tmp_path / 'run'}", check=False)  # batch 128
+    assert proc.returncode == 2 and "no full step per epoch" in proc.stderr
 
 
 def test_out_dir_that_is_a_file_in_a_real_process(tmp_path):

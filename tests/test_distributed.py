@@ -53,7 +53,7 @@ def test_torchrun_two_processes_then_exact_evaluation(imagenet_root, tmp_path, l
     assert [r["epoch"] for r in records] == [0, 1]
     assert all(r["val_images"] == 21 for r in records)
     assert proc.stdout.count("model resnet18") == 1 and "2 process(es)" in proc.stdout  # rank 0 alone reports
-    assert "global batch 16 = 8 x 2; lr 0.00625" in proc.stdout  # linear scaling over the world size
+    assert "global batch 16 = 8 x 2 process(es); lr 0.00625" in proc.stdout  # linear scaling over the world size
     assert len(list(out.glob("wandb/offline-run-*"))) == 1  # one wandb run, from rank 0
     one = evaluate(out / "config.yaml", out / "last.pt", imagenet_root, loader, nproc=1)
     two = evaluate(out / "config.yaml", out / "last.pt", imagenet_root, loader, nproc=2)

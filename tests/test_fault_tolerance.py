@@ -121,8 +121,9 @@ def test_elastic_restart_after_a_worker_dies(cifar_root, tmp_path, reference2):
     assert exact(read_metrics(out)) == reference2
 
 
-def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(cifar_root, tmp_path, reference):
-    nproc, expected = reference
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_cleanly(cifar_root, tmp_path, reference1):
+    """One plain process; torchrun and the launch scripts: test_sigterm_to_the_launcher_..."""
+    nproc, expected = 1, reference1
     out = tmp_path / "run"
     proc = start(train_cmd(nproc, cifar_root, out))
     wait_for(proc, "epoch 1 step 2/")
@@ -170,15 +171,17 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(cifa
 
 
 @pytest.mark.parametrize("policy, expect", [
-    ("keep_global_batch", "global batch 32 -> 32 with 2 accumulation step(s), lr 0.1"),
-    ("scale_lr", "global batch 32 -> 16 with 1 accumulation step(s), lr 0.05"),
+    ("keep_global_batch", "global batch 32 -> 32 = 16 x 1 process(es) x 2 accumulation step(s), from 2 -> 1 processes "
+                          "(run.on_world_size_change=keep_global_batch); lr 0.1"),
+    ("scale_lr", "global batch 32 -> 16 = 16 x 1 process(es) x 1 accumulation step(s), from 2 -> 1 processes "
+                 "(run.on_world_size_change=scale_lr); lr 0.05"),
 ])
 def test_resume_on_a_different_world_size_follows_the_policy(cifar_root, tmp_path, policy, expect):
     out = tmp_path / "run"  # starts on 2 processes, resumes on 1
     kill_when(start(train_cmd(2, cifar_root, out, "optim.base_lr=0.8")), "epoch 1 step 5/")
     output = finish(start(train_cmd(1, cifar_root, out, "optim.base_lr=0.8", "data.batch_size=16",
                                     f"run.on_world_size_change={policy}")))
-    assert "resume: 2 -> 1 processes" in output and expect in output
+    assert f"resume: {expect}" in output
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1] and records[-1]["val_images"] == 110
 
@@ -255,3 +258,33 @@ def test_slurm_script_checkpoints_and_requeues_on_the_time_limit_signal(imagenet
     assert torch.load(out / "last.pt", weights_only=True)["position"]["step_in_epoch"] > 0
     finish(launched(imagenet_root, out, "torchvision"))  # the requeued job: the same command
     assert exact(read_metrics(out)) == imagenet_reference("torchvision")
+
+
+def rank_pids(torchrun: subprocess.Popen, count: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes, read from their environment."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        pids = subprocess.run(["pgrep", "-P", str(torchrun.pid), "-f", "imagenet_resnet.train"], capture_output=True,
+                              text=True).stdout.split()
+        ranks = {}
+        for pid in pids:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            rank = next((int(v.split(b"=")[1]) for v in env if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                ranks[rank] = int(pid)
+        if len(ranks) == count:
+            return ranks
+        time.sleep(0.5)
+    raise AssertionError("torchrun's workers not found")
+
+
+def test_a_hung_rank_ends_the_group_after_the_timeout_and_the_restart_finishes_exactly(cifar_root, tmp_path,
+                                                                                       reference2):
+    out = tmp_path / "run"
+    proc = start(train_cmd(2, cifar_root, out, "run.collective_timeout_s=10", max_restarts=1))
+    wait_for(proc, "epoch 0 step 5/")
+    os.kill(rank_pids(proc, 2)[1], signal.SIGSTOP)  # a frozen rank: it neither works nor exits
+    output = finish(proc)  # torchrun restarts the group once rank 0 gives up waiting
+    assert "rank 0: a collective timed out after 10 s (run.collective_timeout_s) at epoch 0 step" in output, output[-3000:]
+    assert "resumed from" in output
+    assert exact(read_metrics(out)) == reference2  # every epoch once, every number as if nothing happened

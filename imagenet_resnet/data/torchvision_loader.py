@@ -69,12 +69,16 @@ class HostLoader(Loader):
             yield self.normalize(images), labels.to(self.device, non_blocking=True)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM and SIGINT to their rank. torchrun, Slurm and Kubernetes signal
-    a rank's whole process group: workers that died of it first would crash the rank before it can
-    save its stop checkpoint. The workers end with their rank (PyTorch's watchdog), as always."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+STOP_GRACE_S = 30  # torchrun's and Slurm's default time between SIGTERM and SIGKILL
+
+
+def defer_stop_signals(worker_id: int) -> None:
+    """Loader workers outlive a SIGTERM/SIGINT by STOP_GRACE_S. torchrun, Slurm and Kubernetes signal
+    a rank's whole process group (or every process of the job): workers that died of it at once would
+    crash the rank before it can save its stop checkpoint. The rank shuts its workers down when it
+    exits; one that nobody shuts down ends when the grace runs out (SIGALRM's default action)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: signal.alarm(STOP_GRACE_S))
 
 
 def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer,
@@ -102,7 +106,7 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
             drop_last=drop_last,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=defer_stop_signals,
         )
         return loader
 
