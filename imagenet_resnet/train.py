@@ -16,9 +16,8 @@ from pathlib import Path
 from imagenet_resnet.cli import parse, parser, positive_int, run_main
 from imagenet_resnet.config import Config
 from imagenet_resnet.data import count_images
-from imagenet_resnet.errors import UserError
 from imagenet_resnet.lease import hold_lease
-from imagenet_resnet.trainer import plan_text, run_training
+from imagenet_resnet.trainer import optimizer_steps, plan_text, run_training
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,14 +44,12 @@ def check(cfg: Config, processes: int, folder: bool) -> None:
     if folder:
         with hold_lease(Path(cfg.run.out_dir), cfg.run.lease_timeout_s):  # as the run will take it, then let go
             pass
-    steps_per_epoch = train_images // processes // cfg.data.batch_size // cfg.optim.accumulation_steps
-    if steps_per_epoch < 1:
-        raise UserError(f"config key data.batch_size={cfg.data.batch_size}: x {processes} processes x "
-                        f"{cfg.optim.accumulation_steps} accumulation steps is more than the {train_images} training "
-                        f"images: no full step per epoch")
+    accumulation = cfg.optim.accumulation_steps
+    batches = train_images // processes // cfg.data.batch_size  # per rank, as TrainSampler deals them
+    steps_per_epoch = optimizer_steps(cfg, batches, processes, accumulation, train_images)
     print(f"config OK: model {cfg.model.name}, data.dataset={cfg.data.dataset} ({train_images} train / {val_images} "
           f"val images), run.out_dir={cfg.run.out_dir}")
-    print(f"plan: {plan_text(cfg, processes, cfg.optim.accumulation_steps, steps_per_epoch)}", flush=True)
+    print(f"plan: {plan_text(cfg, processes, accumulation, steps_per_epoch)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,15 @@ def build_network(cfg: Config, num_classes: int, dist: DistInfo) -> nn.Module:
     return net.to(dist.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def optimizer_steps(cfg: Config, batches_per_epoch: int, processes: int, accumulation: int, train_images: int) -> int:
+    """Optimizer steps per epoch; UserError if the global batch leaves not one full step."""
+    steps = batches_per_epoch // accumulation
+    if steps < 1:
+        raise UserError(f"config key data.batch_size={cfg.data.batch_size}: x {processes} processes x {accumulation} "
+                        f"accumulation steps is more than the {train_images} training images: no full step per epoch")
+    return steps
+
+
 def plan_text(cfg: Config, processes: int, accumulation: int, steps_per_epoch: int) -> str:
     """Global batch, lr by the linear rule, and the schedule's steps: what a run will do."""
     global_batch = cfg.data.batch_size * processes * accumulation
@@ -170,12 +179,8 @@ class Trainer:
         apply_freeze(self.net, cfg.model.freeze)
         self.accum = self._accumulation_steps(state)
         self.global_batch = cfg.data.batch_size * dist.world_size * self.accum
-        self.steps_per_epoch = self.train_loader.steps_per_epoch // self.accum  # optimizer steps
-        if self.steps_per_epoch < 1:
-            raise UserError(
-                f"config key data.batch_size={cfg.data.batch_size}: x {dist.world_size} processes x {self.accum} accumulation "
-                f"steps is more than the {self.train_loader.num_images} training images: no full step per epoch"
-            )
+        self.steps_per_epoch = optimizer_steps(cfg, self.train_loader.steps_per_epoch, dist.world_size, self.accum,
+                                               self.train_loader.num_images)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
         self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr, self.pretrained)
         self.schedule = Schedule.from_config(cfg.schedule, self.steps_per_epoch)
