@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from imagenet_resnet.errors import UserError
@@ -63,7 +63,7 @@ class ModelConfig:
     freeze: str = "none"  # none | backbone (train the head only) | up_to_stage:K (stem and stages 1..K fixed)
     ema_decay: float = 0.0  # > 0: also keep an EMA of the weights (timm ModelEmaV3), evaluated as val_top1_ema
     drop_path: float = 0.0  # stochastic depth rate (timm's drop_path_rate); ImageNet models only
-    blurpool: bool = False  # anti-aliased stride-2 convolutions (timm BlurPool2d), as FFCV trains ResNet-50
+    blurpool: bool = False  # ffcv's BlurPool: a 3x3 binomial blur before each stride-2 conv with >= 16 input channels
 
     def __post_init__(self) -> None:
         from imagenet_resnet.models import TIMM_EXTRAS_MODELS, list_models  # torch and timm: once a config loads
@@ -104,8 +104,16 @@ class DataConfig:
     val_flip_tta: bool = False  # evaluate each image and its mirror, average the logits
     mixup_alpha: float = 0.0  # Mixup on the device batch (timm Mixup); 0 = off
     cutmix_alpha: float = 0.0  # CutMix (with Mixup: one or the other per batch, half the time each); 0 = off
-    randaugment_n: int = 0  # RandAugment operations per image (DALI auto_aug / torchvision v2); 0 = off
-    randaugment_m: int = 9  # RandAugment magnitude, 0..30 (31 bins, as DALI and torchvision count)
+    # timm's RandAugment string, as timm's --aa takes it: e.g. rand-m7-mstd0.5-inc1 (RSB A1/A2):
+    # magnitude 7 of 10, N(7, 0.5) per op, the "increasing" op set, 2 ops per image, each p=0.5.
+    # timm's own transform in the torchvision loader, its DALI twin in the DALI loader. Empty: off.
+    auto_augment: str = ""
+    interpolation: str = "bilinear"  # bilinear | bicubic: the train crop's and evaluation's resize (RSB: bicubic)
+    crop_min_area: float = 0.08  # random-resized crop: smallest fraction of the image's area (MLPerf LARS: 0.05)
+    # Repeated augmentation (RSB A1/A2, DeiT): each selected image appears this many times in an
+    # epoch, the copies on consecutive ranks with their own augmentation; an epoch keeps the
+    # dataset's length (timm's RepeatAugSampler). 0 or 1: off.
+    repeated_augmentation: int = 0
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, (*DEVICE_DATASETS, "imagenet", "folder"))
@@ -129,11 +137,17 @@ class DataConfig:
         _number("data.cutmix_alpha", self.cutmix_alpha, 0)
         _require("data.batch_size", self.batch_size, self.batch_size % 2 == 0 or not (self.mixup_alpha or self.cutmix_alpha),
                  "Mixup/CutMix pair each image with another of the batch: expected an even number")
-        _number("data.randaugment_n", self.randaugment_n, 0, 16)
-        _number("data.randaugment_m", self.randaugment_m, 0, 30)
+        if self.auto_augment:
+            from imagenet_resnet.data.transforms import parse_timm  # timm, as models need it: once a config loads
+
+            parse_timm(self.auto_augment, {})
+        _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
+        _number("data.crop_min_area", self.crop_min_area, 0.01, 1)
+        _number("data.repeated_augmentation", self.repeated_augmentation, 0, 16)
         small = self.dataset in DEVICE_DATASETS
         for key, default in (("start_image_size", 0), ("val_image_size", 0), ("val_crop_fraction", 0.875),
-                             ("randaugment_n", 0)):
+                             ("auto_augment", ""), ("interpolation", "bilinear"), ("crop_min_area", 0.08),
+                             ("repeated_augmentation", 0)):
             _require(f"data.{key}", getattr(self, key), not small or getattr(self, key) == default,
                      f"applies to data.dataset=imagenet or folder (the device loader of {self.dataset} "
                      f"keeps the images at their own size)")
@@ -181,6 +195,10 @@ class ScheduleConfig:
     warmup_epochs: float = 0.0
     warmup_kind: str = "linear"  # linear ramp from start factor to 1, or constant at start factor
     warmup_start_factor: float = 0.0  # fraction of the peak lr at step 0
+    # Goyal et al.'s gradual warmup: start at optim.base_lr (the lr of a 256-image batch) instead of
+    # warmup_start_factor x peak, and rise linearly to the peak.
+    warmup_from_base_lr: bool = False
+    end_lr_factor: float = 0.0  # cosine, linear, poly: decay to this fraction of the peak lr (MLPerf LARS: 1e-4 / 10.5)
 
     def __post_init__(self) -> None:
         _number("schedule.epochs", self.epochs, 1)
@@ -195,6 +213,11 @@ class ScheduleConfig:
                  f"warmup longer than the run (schedule.epochs={self.epochs})")
         _choice("schedule.warmup_kind", self.warmup_kind, ("linear", "constant"))
         _number("schedule.warmup_start_factor", self.warmup_start_factor, 0, 1)
+        _require("schedule.warmup_from_base_lr", self.warmup_from_base_lr,
+                 not (self.warmup_from_base_lr and self.warmup_start_factor), "set schedule.warmup_start_factor=0 with it")
+        _number("schedule.end_lr_factor", self.end_lr_factor, 0, 1, high_open=True)
+        _require("schedule.end_lr_factor", self.end_lr_factor, not (self.end_lr_factor and self.kind == "step"),
+                 "applies to schedule.kind cosine, linear or poly")
 
 
 @dataclass
@@ -274,6 +297,31 @@ class Config:
                  f"the ramp ends after the run (schedule.epochs={self.schedule.epochs})")
 
 
+# Keys this version no longer reads, and what replaced them.
+REPLACED = {
+    "data.randaugment_n": "data.auto_augment, which takes timm's RandAugment string (e.g. rand-m9-mstd0.5-inc1)",
+    "data.randaugment_m": "data.auto_augment, which takes timm's RandAugment string (e.g. rand-m9-mstd0.5-inc1)",
+}
+
+
+def _replaced_keys(tree: dict[str, Any], where: str, saved: bool = False) -> dict[str, Any]:
+    """Refuse a key in REPLACED, naming its successor. A saved config may carry one at the value
+    that meant "off" (RandAugment with 0 ops): that is dropped, since today's default is off too."""
+    tree = {section: dict(keys) if isinstance(keys, dict) else keys for section, keys in tree.items()}
+    for key, successor in REPLACED.items():
+        section, name = key.split(".")
+        keys = tree.get(section)
+        if not isinstance(keys, dict) or name not in keys:
+            continue
+        if saved and not keys.get("randaugment_n"):
+            keys.pop(name)
+            continue
+        raise UserError(f"{where}config key {key}: replaced by {successor}" + (
+            "; this checkpoint trained with the old RandAugment: resume it with the version that wrote it"
+            if saved else ""))
+    return tree
+
+
 def _omegaconf_message(err: OmegaConfBaseException) -> str:
     """First line of OmegaConf's message plus the dotted key it names."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -290,7 +338,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), saved: dict[
     """
     merged = OmegaConf.structured(Config)
     if saved is not None:
-        merged = _merge(merged, OmegaConf.create(saved), f"{saved_in}: saved config: ")
+        where = f"{saved_in}: saved config: "
+        merged = _merge(merged, OmegaConf.create(_replaced_keys(saved, where, saved=True)), where)
     if path is not None:
         if not Path(path).is_file():
             raise UserError(f"{path}: config file not found")
@@ -298,6 +347,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), saved: dict[
             recipe = OmegaConf.load(path)
         except Exception as err:  # yaml.YAMLError and friends: name the file
             raise UserError(f"{path}: not valid YAML: {err}") from err
+        if isinstance(recipe, DictConfig):
+            recipe = OmegaConf.create(_replaced_keys(OmegaConf.to_container(recipe), f"{path}: "))
         merged = _merge(merged, recipe, f"{path}: ")
     for item in overrides:
         if "=" not in item:
@@ -306,6 +357,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), saved: dict[
             override = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as err:
             raise UserError(f"override {item!r}: {_omegaconf_message(err)}") from err
+        _replaced_keys(OmegaConf.to_container(override), f"override {item!r}: ")
         merged = _merge(merged, override, f"override {item!r}: ")
     try:
         return OmegaConf.to_object(merged)
@@ -322,7 +374,8 @@ def _merge(base: Any, extra: Any, where: str) -> Any:
 
 def config_from_dict(saved: dict[str, Any], where: str) -> Config:
     """A config saved in a checkpoint, with today's defaults for keys added since."""
-    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(saved), f"{where}: ")
+    merged = _merge(OmegaConf.structured(Config), OmegaConf.create(_replaced_keys(saved, f"{where}: ", saved=True)),
+                    f"{where}: ")
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:

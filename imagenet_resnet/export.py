@@ -3,8 +3,7 @@
 - safetensors: the state_dict, and in the metadata the architecture (model name and options)
   and `loads_into`, the library call that builds the same network: e.g.
   `torchvision.models.resnet50(num_classes=N)`, `timm.create_model('seresnet50', num_classes=N)`,
-  timm's ResNet with `aa_layer=BlurPool2d` for a BlurPool model (which torchvision's ResNet
-  would load without complaint and compute wrongly), this project's `build_model` for CIFAR ResNets.
+  this project's `build_model` for CIFAR ResNets and for ffcv's BlurPool (no library has it).
 - torchscript: a traced module taking normalised NCHW float batches (torch.jit is deprecated
   upstream but still what C++ and older serving stacks load).
 - onnx: PyTorch's exporter (dynamo), batch dimension dynamic; checked against PyTorch with

@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
-from timm.layers import BlurPool2d, SEModule
+from timm.layers import SEModule
 from torch import nn
 
 from imagenet_resnet.errors import UserError
@@ -47,10 +47,40 @@ def build_model(name: str, num_classes: int, zero_init_residual: bool = True, in
     drop_path (stochastic depth) and blurpool apply to the ImageNet models (TIMM_EXTRAS_MODELS)."""
     if name not in _REGISTRY:
         raise UserError(f"config key model.name={name!r}: unknown model; known: {', '.join(list_models())}")
-    extras = {"drop_path": drop_path, "blurpool": blurpool} if drop_path or blurpool else {}
-    if extras and name not in TIMM_EXTRAS_MODELS:
+    if (drop_path or blurpool) and name not in TIMM_EXTRAS_MODELS:
         raise UserError(f"model.name={name}: no stochastic depth or BlurPool; models with them: {', '.join(TIMM_EXTRAS_MODELS)}")
-    return _REGISTRY[name](num_classes=num_classes, zero_init_residual=zero_init_residual, in_chans=in_chans, **extras)
+    extras = {"drop_path": drop_path} if drop_path else {}
+    model = _REGISTRY[name](num_classes=num_classes, zero_init_residual=zero_init_residual, in_chans=in_chans, **extras)
+    return apply_blurpool(model) if blurpool else model
+
+
+class BlurPoolConv2d(nn.Module):
+    """ffcv-imagenet's anti-aliasing (train_imagenet.py): a fixed depthwise 3x3 binomial blur
+    [1,2,1]x[1,2,1]/16 (zero padding) at stride 1, then the wrapped convolution at its own stride.
+    The wrapper shows in the state-dict keys (`conv.weight`, `blur_filter`), so these weights are
+    never taken for a plain ResNet's."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+        binomial = torch.tensor([1.0, 2.0, 1.0])
+        kernel = torch.outer(binomial, binomial) / 16
+        self.register_buffer("blur_filter", kernel.expand(conv.in_channels, 1, 3, 3).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.conv2d(x, self.blur_filter, padding=1, groups=self.conv.in_channels))
+
+
+def apply_blurpool(model: nn.Module) -> nn.Module:
+    """Wrap every convolution with stride > 1 and at least 16 input channels, as ffcv does: in a
+    ResNet each stage's first 3x3 (or 1x1 in torchvision's ResNet-50 v1.5: the 3x3) and its
+    downsample; the stem (3 input channels) and its max-pool stay as they are."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(model, name, BlurPoolConv2d(child))
+        else:
+            apply_blurpool(child)
+    return model
 
 
 def stages(model: nn.Module) -> list[nn.Module]:
@@ -149,7 +179,7 @@ for _depth in (20, 32, 44, 56, 110):
 
 def _torchvision(arch: str, small_input: bool = False) -> ModelFn:
     """torchvision's ResNets; small_input: 3x3 stride-1 stem and no max-pool, for 32x32 images.
-    With stochastic depth or BlurPool, timm's ResNet of the same name (the same layers and keys)."""
+    With stochastic depth, timm's ResNet of the same name (the same layers and keys)."""
 
     def make(num_classes: int, zero_init_residual: bool, in_chans: int, **extras) -> nn.Module:
         if extras:
@@ -167,10 +197,9 @@ def _torchvision(arch: str, small_input: bool = False) -> ModelFn:
 
 
 def _timm(arch: str) -> ModelFn:
-    def make(num_classes: int, zero_init_residual: bool, in_chans: int, drop_path: float = 0.0,
-             blurpool: bool = False) -> nn.Module:
+    def make(num_classes: int, zero_init_residual: bool, in_chans: int, drop_path: float = 0.0) -> nn.Module:
         return timm.create_model(arch, pretrained=False, num_classes=num_classes, zero_init_last=zero_init_residual,
-                                 in_chans=in_chans, drop_path_rate=drop_path, aa_layer=BlurPool2d if blurpool else None)
+                                 in_chans=in_chans, drop_path_rate=drop_path)
 
     return make
 
@@ -189,14 +218,13 @@ for _arch in IMAGENET_TIMM:
 
 def library_constructor(name: str, num_classes: int, in_chans: int = 3, drop_path: float = 0.0,
                         blurpool: bool = False) -> str:
-    """The call that builds the same network outside this project, whose load_state_dict takes our
-    weights strictly and computes the same logits (export writes it into its metadata). The same
-    keys do not mean the same network: a BlurPool ResNet loads into torchvision's ResNet without
-    complaint and computes something else, so it is named as the timm model it is."""
+    """The call that builds the same network, whose load_state_dict takes our weights strictly and
+    computes the same logits (export writes it into its metadata): torchvision's or timm's where
+    one has it; ffcv's BlurPool has no library version, so a BlurPool network names our builder."""
     options = f"num_classes={num_classes}" + (f", in_chans={in_chans}" if in_chans != 3 else "")
-    if name not in TIMM_EXTRAS_MODELS:
-        return f"imagenet_resnet.models.build_model({name!r}, {options})"
-    if name in IMAGENET_TORCHVISION and in_chans == 3 and not drop_path and not blurpool:
+    if name not in TIMM_EXTRAS_MODELS or blurpool:
+        extras = (f", drop_path={drop_path}" if drop_path else "") + (", blurpool=True" if blurpool else "")
+        return f"imagenet_resnet.models.build_model({name!r}, {options}{extras})"
+    if name in IMAGENET_TORCHVISION and in_chans == 3 and not drop_path:
         return f"torchvision.models.{name}({options})"
-    extras = (f", drop_path_rate={drop_path}" if drop_path else "") + (", aa_layer=timm.layers.BlurPool2d" if blurpool else "")
-    return f"timm.create_model({name!r}, {options}{extras})"
+    return f"timm.create_model({name!r}, {options}{f', drop_path_rate={drop_path}' if drop_path else ''})"

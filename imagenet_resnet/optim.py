@@ -6,7 +6,7 @@ The schedule is a pure function of the global step, so resuming needs nothing bu
     lr = scaled_lr(0.1, global_batch=1024)                 # 0.4
     opt = build_optimizer(model, cfg.optim, lr)   # (..., pretrained=names) for fine-tuning
     criterion = build_loss(cfg.optim, soft_targets=False)
-    sched = Schedule.from_config(cfg.schedule, steps_per_epoch=5005)
+    sched = Schedule.from_config(cfg.schedule, steps_per_epoch=5005, global_batch=256)
     set_lr(opt, lr * sched.factor(step))
 """
 
@@ -105,6 +105,7 @@ class Schedule:
         warmup_kind: "linear" ramps from warmup_start_factor to 1; "constant" holds it.
         warmup_start_factor: multiplier at step 0.
         poly_power: exponent of the "poly" decay.
+        end_factor: where cosine, linear and poly decay end (MLPerf's end lr), as a multiplier.
     """
 
     total_steps: int
@@ -115,9 +116,12 @@ class Schedule:
     warmup_kind: str = "linear"
     warmup_start_factor: float = 0.0
     poly_power: float = 2.0
+    end_factor: float = 0.0
 
     @classmethod
-    def from_config(cls, cfg: ScheduleConfig, steps_per_epoch: int) -> Schedule:
+    def from_config(cls, cfg: ScheduleConfig, steps_per_epoch: int, global_batch: int) -> Schedule:
+        """warmup_from_base_lr starts at base_lr, i.e. at 256 / global_batch of the linearly scaled peak."""
+        start = min(1.0, 256 / global_batch) if cfg.warmup_from_base_lr else cfg.warmup_start_factor
         return cls(
             total_steps=cfg.epochs * steps_per_epoch,
             warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
@@ -125,8 +129,9 @@ class Schedule:
             milestones=tuple(cfg.milestones),
             gamma=cfg.gamma,
             warmup_kind=cfg.warmup_kind,
-            warmup_start_factor=cfg.warmup_start_factor,
+            warmup_start_factor=start,
             poly_power=cfg.poly_power,
+            end_factor=cfg.end_lr_factor,
         )
 
     def factor(self, step: int) -> float:
@@ -135,11 +140,12 @@ class Schedule:
                 return self.warmup_start_factor
             return self.warmup_start_factor + (1 - self.warmup_start_factor) * step / self.warmup_steps
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        end = self.end_factor
         if self.kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
         if self.kind == "linear":
-            return 1 - progress
-        if self.kind == "poly":
-            return (1 - progress) ** self.poly_power
+            return end + (1 - end) * (1 - progress)
+        if self.kind == "poly":  # MLPerf: (lr - end_lr) * (1 - progress)^power + end_lr
+            return end + (1 - end) * (1 - progress) ** self.poly_power
         passed = sum(step >= round(m * self.total_steps) for m in self.milestones)
         return self.gamma**passed

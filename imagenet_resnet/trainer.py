@@ -117,7 +117,7 @@ def optimizer_steps(cfg: Config, batches_per_epoch: int, processes: int, accumul
 def plan_text(cfg: Config, processes: int, accumulation: int, steps_per_epoch: int) -> str:
     """Global batch, lr by the linear rule, and the schedule's steps: what a run will do."""
     global_batch = cfg.data.batch_size * processes * accumulation
-    schedule = Schedule.from_config(cfg.schedule, steps_per_epoch)
+    schedule = Schedule.from_config(cfg.schedule, steps_per_epoch, global_batch)
     return (f"global batch {global_batch} = {cfg.data.batch_size} x {processes} process(es)"
             + (f" x {accumulation} accumulation" if accumulation > 1 else "")
             + f"; lr {scaled_lr(cfg.optim.base_lr, global_batch):g} = base_lr {cfg.optim.base_lr:g} x {global_batch}/256; "
@@ -183,7 +183,7 @@ class Trainer:
                                                self.train_loader.num_images)
         self.peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
         self.optimizer = build_optimizer(self.net, cfg.optim, self.peak_lr, self.pretrained)
-        self.schedule = Schedule.from_config(cfg.schedule, self.steps_per_epoch)
+        self.schedule = Schedule.from_config(cfg.schedule, self.steps_per_epoch, self.global_batch)
         self.mixing = build_mixing(cfg, self.num_classes)
         self.criterion = build_loss(cfg.optim, soft_targets=self.mixing is not None)
         # fp16 needs loss scaling; a step whose gradients overflow is skipped and the scale lowered.

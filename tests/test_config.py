@@ -95,8 +95,10 @@ BAD_VALUES = {
     "data.val_flip_tta": ["sometimes"],
     "data.mixup_alpha": ["-0.1", "nan"],
     "data.cutmix_alpha": ["-1"],
-    "data.randaugment_n": ["-1", "17"],
-    "data.randaugment_m": ["31", "-1"],
+    "data.auto_augment": ["rand-x3", "v0", "rand-m9-q2"],  # not a timm RandAugment string
+    "data.interpolation": ["lanczos"],
+    "data.crop_min_area": ["0", "1.5"],
+    "data.repeated_augmentation": ["-1", "17", "2"],  # 2: the device loader of CIFAR samples by itself
     "optim.name": ["adam"],
     "optim.base_lr": ["-1", "0", "nan", "inf"],
     "optim.momentum": ["1", "-0.1"],
@@ -116,6 +118,8 @@ BAD_VALUES = {
     "schedule.warmup_epochs": ["-1", "500", "nan"],
     "schedule.warmup_kind": ["cubic"],
     "schedule.warmup_start_factor": ["1.5", "-0.1"],
+    "schedule.warmup_from_base_lr": ["sometimes"],
+    "schedule.end_lr_factor": ["1", "-0.1", "0.001"],  # 0.001: the default schedule.kind=step has no end lr
     "run.out_dir": ["{file}", "''"],
     "run.seed": ["-1", "3000000000"],
     "run.device": ["tpu"],
@@ -148,7 +152,8 @@ CROSS_KEY = [
     (["data.dataset=imagenet", "data.loader=auto", "data.image_size=224", "data.start_image_size=160",
       "data.resize_ramp_epochs=[10,20]", "schedule.epochs=5"], "data.resize_ramp_epochs"),
     (["data.mixup_alpha=0.2", "data.batch_size=7"], "data.batch_size"),
-    (["data.randaugment_n=2"], "data.randaugment_n"),  # the device loader of CIFAR has no RandAugment
+    (["data.auto_augment=rand-m9-mstd0.5-inc1"], "data.auto_augment"),  # the device loader of CIFAR has no RandAugment
+    (["schedule.warmup_from_base_lr=true", "schedule.warmup_start_factor=0.1"], "schedule.warmup_from_base_lr"),
     (["data.val_image_size=64"], "data.val_image_size"),
 ]
 

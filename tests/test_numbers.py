@@ -122,7 +122,7 @@ def dali_batch(files: list[Path], train: bool, size: int, crop: float = 0.875, s
     from imagenet_resnet.data.dali_loader import imagenet_pipeline
 
     pipe = imagenet_pipeline(file_root=str(files[0].parent), files=[f.name for f in files], labels=[0] * len(files),
-                             train=train, gpu=False, crop_fraction=crop, size=size, randaugment=(0, 9),
+                             train=train, gpu=False, crop_fraction=crop, size=size, policy=None,
                              batch_size=len(files), num_threads=1, device_id=None, seed=seed)
     pipe.build()
     return np.asarray(pipe.run()[0].as_tensor())

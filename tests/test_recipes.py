@@ -69,11 +69,33 @@ def test_lamb_adapts_only_decayed_weights():
 
 
 def test_linear_and_poly_schedules():
-    linear = Schedule.from_config(ScheduleConfig(epochs=10, kind="linear", warmup_epochs=2, warmup_start_factor=1e-4), 10)
+    linear = Schedule.from_config(ScheduleConfig(epochs=10, kind="linear", warmup_epochs=2, warmup_start_factor=1e-4), 10, 256)
     assert linear.factor(0) == pytest.approx(1e-4) and linear.factor(20) == 1.0
     assert linear.factor(60) == pytest.approx(0.5) and linear.factor(100) == 0.0  # FFCV: straight down to zero
-    poly = Schedule.from_config(ScheduleConfig(epochs=10, kind="poly", poly_power=2.0, warmup_epochs=2), 10)
+    poly = Schedule.from_config(ScheduleConfig(epochs=10, kind="poly", poly_power=2.0, warmup_epochs=2), 10, 256)
     assert poly.factor(10) == pytest.approx(0.5) and poly.factor(60) == pytest.approx(0.25)  # (1 - 0.5)^2
+
+
+def test_mlperf_end_lr_and_goyal_warmup_against_their_formulas():
+    """MLPerf's poly: (lr0 - end_lr) * (1 - p)^2 + end_lr, p over the steps after warmup; Goyal et
+    al.'s gradual warmup: from 0.1 (base_lr) linearly to 0.1 x global/256 over the warmup steps."""
+    peak, end_lr, total, warmup = 10.5, 1e-4, 370, 20
+    cfg = ScheduleConfig(epochs=37, kind="poly", poly_power=2.0, warmup_epochs=2, end_lr_factor=end_lr / peak)
+    poly = Schedule.from_config(cfg, steps_per_epoch=10, global_batch=3264)
+    for step in (20, 100, 250, 369, 370):
+        p = (step - warmup) / (total - warmup)
+        assert peak * poly.factor(step) == pytest.approx((peak - end_lr) * (1 - p) ** 2 + end_lr, rel=1e-9)
+    assert peak * poly.factor(total) == pytest.approx(end_lr)
+    for kind in ("cosine", "linear"):
+        last = Schedule.from_config(ScheduleConfig(epochs=10, kind=kind, end_lr_factor=0.01), 10, 256).factor(100)
+        assert last == pytest.approx(0.01)
+    goyal = Schedule.from_config(ScheduleConfig(epochs=90, warmup_epochs=5, warmup_from_base_lr=True),
+                                 steps_per_epoch=100, global_batch=8192)
+    base_lr, lr = 0.1, 0.1 * 8192 / 256
+    for step in (0, 250, 499, 500):
+        assert lr * goyal.factor(step) == pytest.approx(base_lr + (lr - base_lr) * min(step, 500) / 500)
+    small = Schedule.from_config(ScheduleConfig(epochs=90, warmup_epochs=5, warmup_from_base_lr=True), 100, 128)
+    assert small.factor(0) == 1.0  # a batch below 256: the scaled lr is below base_lr, no warmup to do
 
 
 def test_train_size_follows_ffcv_progressive_resizing():
@@ -128,7 +150,7 @@ def test_train_and_val_sizes_per_epoch_and_randaugment(imagenet_root, loader):
         sizes.append(next(iter(train))[0].shape[-1])
     assert sizes == [32, 32, 64] and next(iter(val))[0].shape[-2:] == (96, 96)
     plain, _, _ = loaders(imagenet_root, loader)
-    augmented, _, _ = loaders(imagenet_root, loader, "data.randaugment_n=2", "data.randaugment_m=15")
+    augmented, _, _ = loaders(imagenet_root, loader, "data.auto_augment=rand-m9-mstd0.5-inc1")
     for each in (plain, augmented):
         each.set_position(0)
     first, second = next(iter(plain)), next(iter(augmented))
@@ -147,15 +169,13 @@ def test_flip_tta_is_the_mean_of_two_evaluations():
         nn.functional.cross_entropy(net(images), labels).item(), rel=1e-6)
 
 
-def test_drop_path_and_blurpool_build_timms_resnet_with_torchvisions_keys():
+def test_drop_path_builds_timms_resnet_with_torchvisions_keys():
     import torchvision
-    from timm.layers import BlurPool2d, DropPath
+    from timm.layers import DropPath
 
-    net = build_model("resnet50", 10, drop_path=0.05, blurpool=True)
-    assert sum(isinstance(m, BlurPool2d) for m in net.modules()) == 4  # stem max-pool, stride-2 block of stages 2-4
+    net = build_model("resnet50", 10, drop_path=0.05)
     assert max(m.drop_prob for m in net.modules() if isinstance(m, DropPath)) == pytest.approx(0.05)
-    plain_keys = set(torchvision.models.resnet50(num_classes=10).state_dict())
-    assert set(build_model("resnet50", 10, drop_path=0.05).state_dict()) == plain_keys  # same layers, same names
+    assert set(net.state_dict()) == set(torchvision.models.resnet50(num_classes=10).state_dict())  # same names
     assert net(torch.randn(2, 3, 64, 64)).shape == (2, 10)
 
 
@@ -207,8 +227,9 @@ def test_fp16_skips_overflowing_steps_and_resumes_with_its_scaler(tmp_path):
 
 ALL_EXTRAS = ["model.name=resnet18", "model.ema_decay=0.9", "model.drop_path=0.1",
               "optim.name=lamb", "optim.loss=bce", "optim.bce_target_threshold=0.2", "optim.base_lr=0.004",
-              "optim.weight_decay=0.02", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "data.randaugment_n=2",
-              "data.randaugment_m=9", "data.start_image_size=16", "data.image_size=32", "data.resize_ramp_epochs=[0,1]",
+              "optim.weight_decay=0.02", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+              "data.auto_augment=rand-m9-mstd0.5-inc1", "data.repeated_augmentation=3", "data.interpolation=bicubic",
+              "data.crop_min_area=0.05", "model.blurpool=true", "data.start_image_size=16", "data.image_size=32", "data.resize_ramp_epochs=[0,1]",
               "data.val_image_size=48", "data.val_crop_fraction=0.95", "data.val_flip_tta=true", "schedule.kind=cosine",
               "schedule.epochs=2", "schedule.warmup_epochs=0.5", "data.workers=1", "run.log_every_steps=1",
               "run.checkpoint_every_steps=3", "wandb.mode=disabled"]

@@ -8,7 +8,7 @@ Each epoch builds a pipeline over exactly this rank's files, in the order TrainS
 (the order the torchvision loader uses too): sharding, shuffling, the mid-epoch start after a
 resume and the labels (from DEST/train.txt) are then the same whichever loader runs, and a
 val shard holds each image once, with no padding to trim. The per-epoch pipeline also takes the
-epoch's train size (progressive resizing); RandAugment runs in it (`auto_aug.rand_augment`).
+epoch's train size (progressive resizing); timm's RandAugment runs in it (`dali_augment`).
 
     train, val = build_dali_loaders(cfg, dist, normalize, samples)
 """
@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from imagenet_resnet.config import Config
-from imagenet_resnet.data.datasets import Samples, image_problem, unreadable_image
+from imagenet_resnet.data.datasets import Samples, image_problem, normalization, unreadable_image
 from imagenet_resnet.data.sampling import (
     Loader,
     Normalizer,
@@ -33,19 +33,18 @@ from imagenet_resnet.data.sampling import (
     train_image_size,
     val_image_size,
 )
-from imagenet_resnet.data.transforms import RANDAUGMENT_BINS
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
 
 try:
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError as err:  # pragma: no cover - depends on the machine
     raise UserError(
         "data.loader=dali but NVIDIA DALI is not installed: pip install 'imagenet-resnet[dali]' "
         "(nvidia-dali-cuda130), or use data.loader=torchvision"
     ) from err
+from imagenet_resnet.data.dali_augment import Policy, rand_augment, timm_policy
 
 
 # DALI's own auto_aug still calls its experimental aliases; the notice is for DALI, not for users.
@@ -56,23 +55,26 @@ PREFETCH_BATCHES = 4  # the failing batch and DALI's prefetch queue (depth 2) wi
 
 @pipeline_def(enable_conditionals=True)  # rand_augment chooses its operations per sample with conditionals
 def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train: bool, size: int, gpu: bool,
-                      crop_fraction: float, randaugment: tuple[int, int]):
-    """Decode + (random-resized crop, RandAugment, flip | resize-shorter + centre crop), uint8 HWC out."""
+                      crop_fraction: float, policy: Policy | None, interpolation: str = "bilinear",
+                      min_area: float = 0.08):
+    """Decode + (random-resized crop, RandAugment, flip | resize-shorter + centre crop), uint8 HWC out.
+    The flip comes after RandAugment here, before it in timm: each geometric op's sign is a fair
+    coin and a mirror turns it into the opposite sign, so the distribution is the same."""
+    interp = types.INTERP_CUBIC if interpolation == "bicubic" else types.INTERP_LINEAR
     jpegs, label = fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
                                    pad_last_batch=True, name="Reader")
     decoder = "mixed" if gpu else "cpu"
     if train:
         images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                               random_aspect_ratio=[3 / 4, 4 / 3], random_area=[0.08, 1.0],
+                                               random_aspect_ratio=[3 / 4, 4 / 3], random_area=[min_area, 1.0],
                                                num_attempts=100, hw_decoder_load=0.65)
-        images = fn.resize(images, resize_x=size, resize_y=size)
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp)
         mirror = fn.random.coin_flip(probability=0.5)  # applied by crop_mirror_normalize, after RandAugment
-        if randaugment[0]:
-            images = rand_augment.rand_augment(images, n=randaugment[0], m=randaugment[1],
-                                               num_magnitude_bins=RANDAUGMENT_BINS)
+        if policy is not None:
+            images = rand_augment(images, policy, size)
     else:
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, hw_decoder_load=0.65)
-        images = fn.resize(images, resize_shorter=round(size / crop_fraction))
+        images = fn.resize(images, resize_shorter=round(size / crop_fraction), interp_type=interp)
         mirror = 0
     images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", crop=(size, size), mirror=mirror)
     return images, label.gpu() if gpu else label
@@ -96,7 +98,8 @@ class DaliLoader(Loader):
         self.train = split == "train"
         self.num_images = len(samples)
         if self.train:
-            self.sampler = TrainSampler(len(samples), dist, cfg.run.seed, cfg.data.batch_size)
+            self.sampler = TrainSampler(len(samples), dist, cfg.run.seed, cfg.data.batch_size,
+                                        cfg.data.repeated_augmentation)
             self.steps_per_epoch = self.sampler.steps_per_epoch
         else:
             self.shard = list(shard_range(len(samples), dist.rank, dist.world_size))
@@ -132,11 +135,13 @@ class DaliLoader(Loader):
             return
         gpu = self.dist.device.type == "cuda"
         files = [self.samples[i][0] for i in indices]
+        size = train_image_size(self.data, self.epoch) if self.train else val_image_size(self.data)
+        augment = self.train and self.data.auto_augment
         pipe = imagenet_pipeline(
             file_root=self.root, files=files, labels=[self.samples[i][1] for i in indices],
-            train=self.train, gpu=gpu, crop_fraction=self.data.val_crop_fraction,
-            size=train_image_size(self.data, self.epoch) if self.train else val_image_size(self.data),
-            randaugment=(self.data.randaugment_n, self.data.randaugment_m),
+            train=self.train, gpu=gpu, crop_fraction=self.data.val_crop_fraction, size=size,
+            policy=timm_policy(self.data.auto_augment, size, normalization(self.data.dataset)[0]) if augment else None,
+            interpolation=self.data.interpolation, min_area=self.data.crop_min_area,
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
             seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
             enable_checkpointing=self.train, checkpoint=self.checkpoint,

@@ -2,12 +2,12 @@
 seeds, the per-epoch train size, and normalisation on the device.
 
 - train: a fresh permutation per epoch from (seed, epoch), split across ranks like
-  DistributedSampler (drop_last), and startable mid-epoch for exact resume; each image's
-  augmentation is seeded by (seed, epoch, image index), so it does not depend on workers,
-  ranks or restarts;
+  DistributedSampler (drop_last) or, with repeated augmentation, like timm's RepeatAugSampler,
+  and startable mid-epoch for exact resume; each image's augmentation is seeded by (seed, epoch,
+  image index, copy), so it does not depend on workers, ranks or restarts;
 - val: contiguous shards from `shard_range`, no padding, no repeats: each image counted once.
 
-    sampler = TrainSampler(num_images, dist, seed=0, batch_size=256)
+    sampler = TrainSampler(num_images, dist, seed=0, batch_size=256, repeats=3)
     sampler.set_position(epoch=3, start_step=100, size=train_image_size(cfg.data, 3))
 """
 
@@ -96,10 +96,20 @@ def val_image_size(data: DataConfig) -> int:
 
 
 class TrainSampler(DistributedSampler):
-    """DistributedSampler (shuffle, drop_last) that starts mid-epoch; yields (index, aug seed, size)."""
+    """DistributedSampler (shuffle, drop_last) that starts mid-epoch; yields (index, aug seed, size).
 
-    def __init__(self, num_images: int, dist: DistInfo, seed: int, batch_size: int) -> None:
+    With repeats > 1, repeated augmentation as timm's RepeatAugSampler (and torchvision's RASampler)
+    draws it: the epoch's permutation with each image repeated `repeats` times in a row, padded
+    from its start to a multiple of the world size, dealt round-robin to the ranks, and each rank
+    keeps its first num_images // world_size. An epoch has the dataset's length; consecutive copies
+    go to consecutive ranks (the same rank in a single process), each with its own seed.
+    """
+
+    def __init__(self, num_images: int, dist: DistInfo, seed: int, batch_size: int, repeats: int = 0) -> None:
         super().__init__(range(num_images), dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=True)
+        self.repeats = max(1, repeats)
+        if self.repeats > 1:
+            self.num_samples = num_images // dist.world_size
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_samples // batch_size
         self.start = 0
@@ -110,12 +120,28 @@ class TrainSampler(DistributedSampler):
         self.start = start_step * self.batch_size
         self.size = size
 
+    def _epoch(self) -> list[tuple[int, int]]:
+        """This rank's (index, copy) pairs for the whole epoch."""
+        if self.repeats == 1:
+            return [(i, 0) for i in super().__iter__()]
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        copies = [(i, copy) for i in order for copy in range(self.repeats)]
+        total = -(-len(copies) // self.num_replicas) * self.num_replicas
+        copies += copies[: total - len(copies)]
+        return copies[self.rank : total : self.num_replicas][: self.num_samples]
+
+    def _mine(self) -> list[tuple[int, int]]:
+        return self._epoch()[self.start : self.steps_per_epoch * self.batch_size]
+
     def indices(self) -> list[int]:
         """This rank's indices for the rest of the epoch, whole batches only."""
-        return list(super().__iter__())[self.start : self.steps_per_epoch * self.batch_size]
+        return [i for i, _ in self._mine()]
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        return iter([(i, augmentation_seed(self.seed, self.epoch, i), self.size) for i in self.indices()])
+        n = len(self.dataset)
+        return iter([(i, augmentation_seed(self.seed, self.epoch, i + copy * n), self.size) for i, copy in self._mine()])
 
     def __len__(self) -> int:
         return max(0, self.steps_per_epoch * self.batch_size - self.start)

@@ -6,10 +6,12 @@ processes, batches normalised on the device.
 
 from __future__ import annotations
 
+import random
 import signal
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -38,7 +40,10 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int, str]:
         index, seed, size = key
         path, label = self.samples[index]
-        torch.manual_seed(seed)  # transforms v2 draw from the global generator of this worker
+        # transforms v2 draw from torch's global generator of this worker, timm's RandAugment from Python's and NumPy's
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         try:
             image, error = read_image(self.folder / path), ""
         except (RuntimeError, OSError) as err:
@@ -110,7 +115,7 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
         )
         return loader
 
-    sampler = TrainSampler(len(train_samples), dist, cfg.run.seed, cfg.data.batch_size)
+    sampler = TrainSampler(len(train_samples), dist, cfg.run.seed, cfg.data.batch_size, cfg.data.repeated_augmentation)
     train = HostLoader(make("train", train_samples, train_for, sampler, True), normalize, dist.device,
                        len(train_samples), sampler.steps_per_epoch, lambda epoch: train_image_size(cfg.data, epoch))
     shard = [(i, 0, 0) for i in shard_range(len(val_samples), dist.rank, dist.world_size)]

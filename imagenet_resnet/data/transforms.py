@@ -2,7 +2,7 @@
 
 The DALI pipeline does the same steps with DALI's operators; `predict` uses `val_transform`.
 
-    augment = train_transform(cfg.data, size=176)       # random-resized crop, flip, RandAugment
+    augment = train_transform(cfg.data, size=176)       # random-resized crop, flip, timm's RandAugment
     crop = val_transform(cfg)                           # resize to size / crop fraction, centre crop
 """
 
@@ -13,25 +13,76 @@ from typing import Callable
 import torch
 
 from imagenet_resnet.config import Config, DataConfig
-from imagenet_resnet.data.datasets import SMALL_DATASETS
+from imagenet_resnet.data.datasets import SMALL_DATASETS, normalization
 from imagenet_resnet.data.sampling import val_image_size
-
-RANDAUGMENT_BINS = 31  # magnitudes 0..30, as DALI's auto_aug and torchvision count them
+from imagenet_resnet.errors import UserError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
+def interpolation_mode(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    return {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}[name]
+
+
 def train_transform(data: DataConfig, size: int) -> Transform:
-    """Random-resized crop (scale 0.08-1, ratio 3/4-4/3) to `size`, horizontal flip, then RandAugment
-    (data.randaugment_n operations at magnitude data.randaugment_m) if asked."""
+    """Random-resized crop (area data.crop_min_area-1, ratio 3/4-4/3) to `size`, horizontal flip,
+    then timm's RandAugment on the PIL image if data.auto_augment asks (timm's order: crop, flip, RA).
+    timm draws from Python's and NumPy's generators: the dataset seeds both per image."""
     from torchvision.transforms import v2
 
-    steps = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+    steps = [v2.RandomResizedCrop(size, scale=(data.crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
+                                  interpolation=interpolation_mode(data.interpolation), antialias=True),
              v2.RandomHorizontalFlip()]
-    if data.randaugment_n:
-        steps.append(v2.RandAugment(num_ops=data.randaugment_n, magnitude=data.randaugment_m,
-                                    num_magnitude_bins=RANDAUGMENT_BINS))
+    if data.auto_augment:
+        hparams = timm_hparams(size, normalization(data.dataset)[0], data.interpolation)
+        steps += [v2.ToPILImage(), timm_rand_augment(data.auto_augment, hparams), v2.PILToTensor()]
     return v2.Compose(steps)
+
+
+def timm_hparams(size: int, mean: tuple[float, ...], interpolation: str) -> dict:
+    """The hparams timm's create_transform gives its RandAugment for a train crop of `size`: the
+    mean pixel as fill, translation bound, the resize's interpolation for the geometric ops."""
+    from timm.data.transforms import str_to_pil_interp
+
+    return {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in mean),
+            "interpolation": str_to_pil_interp(interpolation)}
+
+
+def parse_timm(config: str, hparams: dict):
+    """timm's RandAugment object for `config`, or a UserError naming data.auto_augment."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    if not (config == "rand" or config.startswith("rand-")):
+        raise UserError(f"config key data.auto_augment={config!r}: expected timm's RandAugment string, "
+                        "e.g. rand-m9-mstd0.5-inc1 (sections m, n, p, mstd, mmax, inc)")
+    try:
+        return rand_augment_transform(config, dict(hparams))
+    except (AssertionError, ValueError, KeyError) as err:
+        raise UserError(f"config key data.auto_augment={config!r}: timm does not read it "
+                        f"({type(err).__name__}{': ' + str(err) if str(err) else ''})") from err
+
+
+def timm_rand_augment(config: str, hparams: dict):
+    """timm's RandAugment with one repair: at magnitude 10 timm's PosterizeIncreasing keeps 0 bits,
+    which Pillow >= 11 refuses (ValueError) where older Pillow returned black; black it is here."""
+    from timm.data import auto_augment
+
+    transform = parse_timm(config, hparams)
+    for op in transform.ops:
+        if op.aug_fn is auto_augment.posterize:
+            op.aug_fn = _posterize
+    return transform
+
+
+def _posterize(img, bits_to_keep: int, **kwargs):
+    from PIL import Image
+    from timm.data import auto_augment
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def val_transform(cfg: Config) -> Transform:
@@ -41,7 +92,8 @@ def val_transform(cfg: Config) -> Transform:
     from torchvision.transforms import v2
 
     size = SMALL_DATASETS[cfg.data.dataset].size if cfg.data.dataset in SMALL_DATASETS else val_image_size(cfg.data)
-    return v2.Compose([v2.Resize(val_resize_side(cfg), antialias=True), v2.CenterCrop(size)])
+    return v2.Compose([v2.Resize(val_resize_side(cfg), interpolation=interpolation_mode(cfg.data.interpolation),
+                                 antialias=True), v2.CenterCrop(size)])
 
 
 def val_resize_side(cfg: Config) -> int:
