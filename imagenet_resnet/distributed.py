@@ -113,6 +113,58 @@ def laggards(dist: DistInfo) -> str:
     return "no rank is behind this one's last report; the others last reported: " + ", ".join(t for _, t in others)
 
 
+class GradientWait:
+    """How long this rank waits for the others in DDP's gradient all-reduce, summed over steps: from
+    the moment its last gradient bucket is ready (its own backward done) until that bucket's
+    all-reduce completes. A DDP comm hook around PyTorch's default all-reduce, nothing else changed.
+
+    The rank that waits least is the one the others wait for: its step time minus this wait is the
+    time it needs on its own, which is what tells a slow node from a fast one (with DDP's per-step
+    synchronisation, every rank's wall time per step is the same). On CUDA the two moments are
+    CUDA events on the compute stream, read once per epoch; on the CPU, host clocks.
+
+        waits = GradientWait(device)
+        ddp.register_comm_hook(None, waits.hook)
+        ...
+        waits.take()  # seconds since the last take
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.events: list[tuple[Any, Any]] = []
+
+    def hook(self, state, bucket):  # unannotated: DDP compares the annotations with its own types
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        if not bucket.is_last():
+            return allreduce_hook(state, bucket)
+        start = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+        if self.cuda:
+            start.record()
+        reduced = allreduce_hook(state, bucket)
+
+        def done(future: torch.futures.Future) -> torch.Tensor:
+            if self.cuda:  # this callback's stream waits for the all-reduce: the event marks its end
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.events.append((start, end))
+            else:
+                self.seconds += time.perf_counter() - start
+            return future.value()
+
+        return reduced.then(done)
+
+    def take(self) -> float:
+        """Seconds waited since the last call (synchronising with the GPU on CUDA)."""
+        if self.events:
+            self.events[-1][1].synchronize()
+            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
+            self.events.clear()
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks in place (no-op in a single process); returns the tensor."""
     if torch_dist.is_initialized():

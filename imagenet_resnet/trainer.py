@@ -39,6 +39,7 @@ from imagenet_resnet.data import (
 from imagenet_resnet.data.mixing import build_mixing
 from imagenet_resnet.distributed import (
     DistInfo,
+    GradientWait,
     all_gather_objects,
     all_reduce_sum,
     average_buffers,
@@ -193,13 +194,17 @@ class Trainer:
         self.best_top1, self.best_weights = 0.0, "model"
         if state is not None:
             self._restore(state, path)
-        if cfg.run.compile:
-            self.net = torch.compile(self.net, mode=cfg.run.compile_mode)
-        self.model = (
-            DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-            if dist.is_distributed
-            else self.net
-        )
+        self.gradient_wait = GradientWait(dist.device)  # stragglers: who waits for whom
+        wrapped = self.net
+        if dist.is_distributed:
+            wrapped = DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+            wrapped.register_comm_hook(None, self.gradient_wait.hook)
+        # torch.compile goes around DDP, as PyTorch documents: DDPOptimizer then splits the graph at
+        # DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward
+        # (a compiled module inside DDP fires DDP's hooks only after its whole backward). Evaluation
+        # runs the bare module (ranks hold different numbers of val batches), compiled on its own.
+        self.model = torch.compile(wrapped, mode=cfg.run.compile_mode) if cfg.run.compile else wrapped
+        self.eval_net = torch.compile(self.net, mode=cfg.run.compile_mode) if cfg.run.compile else self.net
         self.ema = self._build_ema(state)  # after DDP has given every rank rank 0's weights
         self.stop_requested = False
         self.finished = self.position.epoch >= cfg.schedule.epochs
@@ -446,7 +451,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The model on the val set, and its EMA (keys *_ema) when there is one."""
         tta, device = self.cfg.data.val_flip_tta, self.dist.device
-        stats = evaluate(self.net, self.val_loader, self.amp, device, tta)
+        stats = evaluate(self.eval_net, self.val_loader, self.amp, device, tta)
         if self.ema:
             average_buffers(self.ema.module)  # each rank's EMA of its own BN statistics
             stats |= evaluate(self.ema.module, self.val_loader, self.amp, device, tta, suffix="_ema")
@@ -513,17 +518,29 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - epoch_start
         loss_sum, top1, images = all_reduce_sum(self.train_sums.clone()).tolist()
-        wait_fraction = all_reduce_sum(torch.tensor([wait_s / elapsed], device=self.dist.device)).item()
-        steps_run = self.steps_per_epoch - start
+        steps_run = max(1, self.steps_per_epoch - start)
         return {
             "train_image_size": train_image_size(self.cfg.data, epoch),
             "train_loss": loss_sum / images,
             "train_top1": 100 * top1 / images,
             "lr": self.optimizer.param_groups[0]["lr"],
             "images_per_sec": steps_run * self.global_batch / elapsed,
-            "data_wait_fraction": wait_fraction / self.dist.world_size,
             "epoch_time_s": elapsed,
+            **self._rank_times(elapsed, wait_s, steps_run),
         }
+
+    def _rank_times(self, elapsed: float, data_wait_s: float, steps: int) -> dict[str, float]:
+        """Stragglers, per epoch: each rank's own step time (wall time minus its wait for the others
+        in the gradient all-reduce) and data-wait share; the slowest and fastest rank's, so a slow
+        node shows in metrics.jsonl and wandb before it hangs a run. data_wait_fraction: the mean."""
+        own = (elapsed - self.gradient_wait.take()) / steps
+        ranks = all_gather_objects((own, data_wait_s / elapsed))
+        slowest = max(range(len(ranks)), key=lambda rank: ranks[rank][0])
+        fastest = min(range(len(ranks)), key=lambda rank: ranks[rank][0])
+        return {"data_wait_fraction": sum(share for _, share in ranks) / len(ranks),
+                "rank_step_s_slowest": ranks[slowest][0], "rank_step_s_fastest": ranks[fastest][0],
+                "rank_slowest": slowest, "rank_fastest": fastest,
+                "rank_data_wait_slowest": ranks[slowest][1], "rank_data_wait_fastest": ranks[fastest][1]}
 
     def _check_finite(self, first_bad: torch.Tensor, epoch: int) -> None:
         local = int(first_bad.item())

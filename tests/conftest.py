@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,20 @@ def imagenet_root(tmp_path_factory) -> Path:
                           env=dict(cli_env(), PYTHON=sys.executable, WORKERS="2"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return dest
+
+
+@pytest.fixture
+def vfat(tmp_path) -> Path:
+    """A real FAT filesystem (no hard links; a FUSE daemon that a test can freeze), mounted with
+    fusefat; skipped where it cannot mount."""
+    if not (shutil.which("mkfs.vfat") and shutil.which("fusefat") and Path("/dev/fuse").exists()):
+        pytest.skip("needs dosfstools and fusefat (apt-get install dosfstools fusefat)")
+    image, mount = tmp_path / "fat.img", tmp_path / "fat"
+    mount.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 * 2**20)
+    subprocess.run(["mkfs.vfat", str(image)], check=True, capture_output=True)
+    if subprocess.run(["fusefat", "-o", "rw+", str(image), str(mount)], capture_output=True).returncode:
+        pytest.skip("fusefat could not mount here")
+    yield mount
+    subprocess.run(["fusermount", "-u", str(mount)], capture_output=True)

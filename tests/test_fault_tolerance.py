@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, cli_env, run_module
+from imagenet_resnet.checkpoint import load_file
 from imagenet_resnet.metrics import read_metrics
 
 pytestmark = pytest.mark.e2e
@@ -32,8 +34,8 @@ def train_cmd(nproc: int, cifar_root: Path, out: Path, *extra: str, max_restarts
             f"--max-restarts={max_restarts}", "-m", "imagenet_resnet.train", *args]
 
 
-def start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+def start(cmd: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env() | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -288,3 +290,77 @@ def test_a_hung_rank_ends_the_group_after_the_timeout_and_the_restart_finishes_e
     assert "rank 0: a collective timed out after 10 s (run.collective_timeout_s) at epoch 0 step" in output, output[-3000:]
     assert "resumed from" in output
     assert exact(read_metrics(out)) == reference2  # every epoch once, every number as if nothing happened
+
+
+def test_compiled_ddp_trains_resumes_after_sigkill_and_matches_eager(cifar_root, tmp_path, reference2):
+    """run.compile=true compiles the DDP-wrapped module (DDPOptimizer splits the graph at the buckets).
+    Inductor's kernels round differently from eager ones, and this tiny run at a high lr amplifies
+    that: the first steps' losses agree to 1e-3, the epochs' figures within the tolerances below."""
+    out = tmp_path / "compiled"
+    kill_when(start(train_cmd(2, cifar_root, out, "run.compile=true")), "epoch 1 step 4/", 0.5)
+    output = finish(start(train_cmd(2, cifar_root, out, "run.compile=true"), TORCH_LOGS="ddp_graphs"))
+    assert "resumed from" in output
+    assert "[__ddp_graphs] ---split graph---" in output  # compiled around DDP: split at its buckets
+    state = load_file(out / "last.pt")
+    assert not any(key.startswith(("_orig_mod.", "module.")) for key in state["model"])
+    compiled = exact(read_metrics(out))
+    assert [r["epoch"] for r in compiled] == [0, 1]  # every epoch once, across the kill
+    for got, want in zip(compiled, reference2):
+        assert got["lr"] == want["lr"] and got["val_images"] == want["val_images"]
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=0.15)
+        assert abs(got["val_top1"] - want["val_top1"]) <= 5.0
+
+
+def test_a_stuck_loader_worker_ends_the_run_naming_the_data_loader(imagenet_root: Path, vfat: Path, tmp_path):
+    """A single process whose DataLoader worker stops delivering stops after run.collective_timeout_s
+    with one line, instead of waiting forever. The stall is real: the images are on a FUSE mount
+    whose daemon the test freezes, so the worker's read waits in the kernel as on a stalled NFS."""
+    image = vfat.parent / "fat.img"
+    for path in sorted(imagenet_root.rglob("*")):  # FAT keeps no modes or times: copy bytes only
+        target = vfat / "imagenet" / path.relative_to(imagenet_root)
+        if path.is_dir():
+            target.mkdir(parents=True)
+        else:
+            shutil.copyfile(path, target)
+    subprocess.run(["fusermount", "-u", str(vfat)], check=True)  # remount: nothing left in the page cache
+    subprocess.run(["fusefat", "-o", "ro", str(image), str(vfat)], check=True)
+    daemon = int(subprocess.run(["pgrep", "-f", f"fusefat -o ro {image}"], capture_output=True, text=True).stdout.split()[0])
+    cmd = [sys.executable, "-m", "imagenet_resnet.train", "--config", "configs/imagenet_resnet18.yaml",
+           f"data.root={vfat / 'imagenet'}", f"run.out_dir={tmp_path / 'run'}", "data.loader=torchvision",
+           "data.workers=1", "data.batch_size=4", "data.image_size=32", "schedule.epochs=1",
+           "schedule.warmup_epochs=0", "run.log_every_steps=1", "run.collective_timeout_s=5", "wandb.mode=disabled"]
+    proc = start(cmd)
+    try:
+        wait_for(proc, "epoch 0 step 1/")
+        os.kill(daemon, signal.SIGSTOP)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert proc.returncode == 2, output[-3000:]
+    assert ("error: the train data loader delivered no batch for 5 s (run.collective_timeout_s) at epoch 0 batch"
+            in output), output[-3000:]
+    assert "Traceback" not in output, output
+
+
+def test_a_slowed_rank_shows_as_the_slowest_in_every_epochs_record(cifar_root, tmp_path):
+    """Stragglers, visible: rank 1 is slowed from outside (SIGSTOP/SIGCONT cycles, nothing in the
+    package knows), and each epoch's record names it, with its own step time well above rank 0's."""
+    out = tmp_path / "run"
+    proc = start(train_cmd(2, cifar_root, out, "data.batch_size=8", "schedule.epochs=2", "run.checkpoint_every_steps=0"))
+    wait_for(proc, "epoch 0 step 1/")
+    slowed = rank_pids(proc, 2)[1]
+    try:
+        while proc.poll() is None:
+            os.kill(slowed, signal.SIGSTOP)  # stopped three quarters of the time
+            time.sleep(0.15)
+            os.kill(slowed, signal.SIGCONT)
+            time.sleep(0.05)
+    except ProcessLookupError:
+        pass  # rank 1 finished
+    finish(proc)
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    for r in records:
+        assert (r["rank_slowest"], r["rank_fastest"]) == (1, 0), r
+        assert r["rank_step_s_slowest"] > 1.5 * r["rank_step_s_fastest"], r
+        assert 0 <= r["rank_data_wait_fastest"] <= 1 and 0 <= r["rank_data_wait_slowest"] <= 1

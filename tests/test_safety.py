@@ -294,24 +294,6 @@ def test_a_lease_that_cannot_be_read_or_replaced_is_one_line(cifar_root, tmp_pat
     assert (folder / "lease.json").is_dir() and (loop / "lease.json").is_symlink()
 
 
-@pytest.fixture
-def vfat(tmp_path) -> Path:
-    """A real FAT filesystem (no hard links), mounted with fusefat; skipped where it cannot mount."""
-    import shutil
-
-    if not (shutil.which("mkfs.vfat") and shutil.which("fusefat") and Path("/dev/fuse").exists()):
-        pytest.skip("needs dosfstools and fusefat (apt-get install dosfstools fusefat)")
-    image, mount = tmp_path / "fat.img", tmp_path / "fat"
-    mount.mkdir()
-    with open(image, "wb") as f:
-        f.truncate(64 * 2**20)
-    subprocess.run(["mkfs.vfat", str(image)], check=True, capture_output=True)
-    if subprocess.run(["fusefat", "-o", "rw+", str(image), str(mount)], capture_output=True).returncode:
-        pytest.skip("fusefat could not mount here")
-    yield mount
-    subprocess.run(["fusermount", "-u", str(mount)], capture_output=True)
-
-
 def test_training_runs_on_a_filesystem_without_hard_links(cifar_root, vfat):
     (vfat / "file").write_text("x")
     with pytest.raises(PermissionError):

@@ -6,6 +6,7 @@ processes, batches normalised on the device.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import signal
 from pathlib import Path
@@ -56,22 +57,44 @@ class HostLoader(Loader):
     """A torchvision DataLoader whose batches are moved to the device and normalised there."""
 
     def __init__(self, loader: DataLoader, normalize: Normalizer, device, num_images, steps_per_epoch,
-                 size_for: Callable[[int], int] = lambda epoch: 0) -> None:
+                 size_for: Callable[[int], int] = lambda epoch: 0, split: str = "train") -> None:
         self.loader, self.normalize, self.device = loader, normalize, device
-        self.num_images, self.steps_per_epoch, self.size_for = num_images, steps_per_epoch, size_for
+        self.num_images, self.steps_per_epoch, self.size_for, self.split = num_images, steps_per_epoch, size_for, split
         self.set_position(0)
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start = epoch, start_step
         if isinstance(self.loader.sampler, TrainSampler):
             self.loader.sampler.set_position(epoch, start_step, self.size_for(epoch))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, errors in self.loader:
-            error = next((e for e in errors if e), None)
-            if error:
-                raise UserError(error)
-            images = images.to(self.device, non_blocking=True)
-            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+        batch = self.start
+        try:
+            for images, labels, errors in self.loader:
+                error = next((e for e in errors if e), None)
+                if error:
+                    raise UserError(error)
+                images = images.to(self.device, non_blocking=True)
+                batch += 1
+                yield self.normalize(images), labels.to(self.device, non_blocking=True)
+        except RuntimeError as err:
+            if "DataLoader timed out" not in str(err):
+                raise
+            raise self._stalled(batch) from None
+
+    def _stalled(self, batch: int) -> UserError:
+        """A worker delivered nothing for the loader's timeout (a read stuck on a network file system,
+        a frozen process). Its workers are killed, SIGKILL reaching even a stopped one: otherwise the
+        exit would wait on them forever. PyTorch's SIGCHLD handler goes first: it would report each
+        death as a worker failure, with a traceback."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            child.kill()
+        where = f"epoch {self.epoch} batch {batch}" if self.split == "train" else "evaluation"
+        return UserError(f"the {self.split} data loader delivered no batch for {self.loader.timeout:g} s "
+                         f"(run.collective_timeout_s) at {where}: a loader worker is stuck (a stalled read from "
+                         f"{self.loader.dataset.folder}?). Under torchrun's --max-restarts the group restarts "
+                         f"from the newest checkpoint")
 
 
 STOP_GRACE_S = 30  # torchrun's and Slurm's default time between SIGTERM and SIGKILL
@@ -112,13 +135,15 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
             worker_init_fn=defer_stop_signals,
+            timeout=cfg.run.collective_timeout_s if workers > 0 else 0,  # a stuck worker ends the rank
         )
         return loader
 
     sampler = TrainSampler(len(train_samples), dist, cfg.run.seed, cfg.data.batch_size, cfg.data.repeated_augmentation)
     train = HostLoader(make("train", train_samples, train_for, sampler, True), normalize, dist.device,
-                       len(train_samples), sampler.steps_per_epoch, lambda epoch: train_image_size(cfg.data, epoch))
+                       len(train_samples), sampler.steps_per_epoch, lambda epoch: train_image_size(cfg.data, epoch),
+                       "train")
     shard = [(i, 0, 0) for i in shard_range(len(val_samples), dist.rank, dist.world_size)]
     val = HostLoader(make("val", val_samples, lambda size: val_tf, shard, False), normalize, dist.device,
-                     len(val_samples), -(-len(shard) // cfg.data.batch_size))
+                     len(val_samples), -(-len(shard) // cfg.data.batch_size), split="val")
     return train, val
