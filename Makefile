@@ -9,7 +9,7 @@ WORKERS ?= $(shell nproc)
 VERIFY ?= counts
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast bench prepare-imagenet clean
+.PHONY: help venv demo test test-fast bench prepare-imagenet check-imagenet clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ bench: $(STAMP)  ## benchmarks: writes bench/results.json and a Markdown table (
 
 prepare-imagenet: $(STAMP)  ## SRC=<folder with the ILSVRC2012 archives> DEST=<output>: extract, map val, file lists, verify
 	PYTHON=$(PY) WORKERS=$(WORKERS) VERIFY=$(VERIFY) bash data_prep/prepare_imagenet.sh "$(SRC)" "$(DEST)"
+
+check-imagenet: $(STAMP)  ## DEST=<prepared ImageNet>: torchvision's ResNet-50 V1 must score its published 76.13 on it
+	$(PY) -m imagenet_resnet.evaluate --pretrained torchvision:resnet50.IMAGENET1K_V1 --check data.root="$(DEST)"
 
 clean:  ## remove the venv and generated demo data (never touches your DEST)
 	rm -rf $(VENV) runs/demo data/demo

@@ -59,7 +59,9 @@ class ModelConfig:
     name: str = "cifar_resnet20"  # a name from imagenet_resnet.models.list_models()
     zero_init_residual: bool = True  # last BN gamma of each block starts at 0 (Goyal et al. 2017)
     sync_bn: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
-    init_from: str = ""  # weights to start from: a checkpoint of this project or a torchvision/timm state_dict file
+    # weights to start from: a checkpoint of this project, a torchvision/timm state_dict file, or
+    # published weights by name: torchvision:resnet50.IMAGENET1K_V2, timm:seresnet50.ra2_in1k
+    init_from: str = ""
     freeze: str = "none"  # none | backbone (train the head only) | up_to_stage:K (stem and stages 1..K fixed)
     ema_decay: float = 0.0  # > 0: also keep an EMA of the weights (timm ModelEmaV3), evaluated as val_top1_ema
     drop_path: float = 0.0  # stochastic depth rate (timm's drop_path_rate); ImageNet models only
@@ -88,6 +90,9 @@ class DataConfig:
     # cifar: holds cifar-10-batches-py/; mnist: the idx files; imagenet: the prepare-imagenet DEST;
     # folder: any train/<class>/, val/<class>/ image folders
     root: str = "data"
+    # CIFAR-10/100, MNIST, Fashion-MNIST missing from data.root: auto downloads them (torchvision's
+    # URLs and checksums), never stops with a message instead. ImageNet is never downloaded.
+    download: str = "auto"
     batch_size: int = 128  # per process; the global batch is this x world size
     image_size: int = 32  # train crop and val centre crop, in pixels
     loader: str = "auto"  # auto | device (CIFAR, whole set on the device) | torchvision | dali
@@ -119,6 +124,7 @@ class DataConfig:
         _choice("data.dataset", self.dataset, (*DEVICE_DATASETS, "imagenet", "folder"))
         _choice("data.loader", self.loader, ("auto", "device", "torchvision", "dali"))
         _require("data.root", self.root, bool(self.root), "must not be empty")
+        _choice("data.download", self.download, ("auto", "never"))
         _number("data.batch_size", self.batch_size, 1)
         _number("data.image_size", self.image_size, 16, 2048)
         _require("data.workers", self.workers, self.workers == "auto" or (self.workers.isdigit() and int(self.workers) <= 256),

@@ -10,19 +10,30 @@ overrides on top; `--config FILE` uses a recipe instead.
 
 `--weights ema` evaluates the EMA weights of a run trained with model.ema_decay; by default the
 weights that scored best_top1 when the checkpoint was written (best.pt: the better of the two).
+
+`--pretrained SOURCE` evaluates published weights on a prepared ImageNet instead, with their own
+transform, beside their published figures (imagenet_resnet.pretrained); `--check` (make
+check-imagenet) says PASS when top-1 is within 0.1 of the published figure over all 50,000 images
+and otherwise what is most likely wrong with the prepared set, exit status 1:
+
+    python -m imagenet_resnet.evaluate --pretrained torchvision:resnet50.IMAGENET1K_V1 data.root=/data/imagenet
+    python -m imagenet_resnet.evaluate --pretrained torchvision:resnet50.IMAGENET1K_V1 --check data.root=/data/imagenet
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import torch
 
 from imagenet_resnet.checkpoint import load_file, unwrap
 from imagenet_resnet.cli import existing_file, parser, run_main
-from imagenet_resnet.config import load_config
-from imagenet_resnet.data import build_loaders
-from imagenet_resnet.distributed import init_distributed, shutdown
+from imagenet_resnet.config import Config, config_to_dict, load_config
+from imagenet_resnet.data import build_loaders, loader_workers
+from imagenet_resnet.data.datasets import check_prepared
+from imagenet_resnet.distributed import DistInfo, init_distributed, pick_device, shutdown
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.inference import WEIGHTS, weights_of
 from imagenet_resnet.trainer import amp_dtype, build_network, evaluate
@@ -31,9 +42,33 @@ from imagenet_resnet.trainer import amp_dtype, build_network, evaluate
 def main(argv: list[str] | None = None) -> None:
     p = parser(__spec__.name, "Evaluate a checkpoint: top-1/top-5 over every val image exactly once.",
                config_help="YAML recipe to use instead of the checkpoint's own config (default: the checkpoint's)")
-    p.add_argument("--checkpoint", required=True, type=existing_file, help="a last.pt or best.pt written by training")
+    p.add_argument("--checkpoint", type=existing_file, help="a last.pt or best.pt written by training")
     p.add_argument("--weights", choices=tuple(WEIGHTS), help="model or ema (default: those that scored best)")
+    p.add_argument("--pretrained", metavar="SOURCE",
+                   help="published weights instead of a checkpoint, e.g. torchvision:resnet50.IMAGENET1K_V1, "
+                        "timm:resnet50.a1_in1k; or a weights file with --arch")
+    p.add_argument("--arch", metavar="SOURCE", help="with --pretrained FILE: the SOURCE whose network, transform and "
+                                                    "published figures the file's weights go with")
+    p.add_argument("--check", action="store_true",
+                   help="with --pretrained: PASS within 0.1 of the published top-1 over 50,000 images, else a diagnosis and exit 1")
     args = p.parse_args(argv)
+    if (args.checkpoint is None) == (args.pretrained is None):
+        p.error("give --checkpoint FILE or --pretrained SOURCE")
+    if args.check and not args.pretrained:
+        p.error("--check needs --pretrained SOURCE")
+    if args.pretrained:
+        from imagenet_resnet.pretrained import is_source
+
+        if not is_source(args.pretrained) and not args.arch:
+            p.error(f"--pretrained {args.pretrained}: not a SOURCE name (torchvision:..., timm:...); "
+                    f"a weights file needs --arch SOURCE")
+        try:
+            weights_file = None if is_source(args.pretrained) else existing_file(args.pretrained)
+        except argparse.ArgumentTypeError as err:
+            p.error(f"--pretrained {err}")
+        evaluate_pretrained(args.arch or args.pretrained, load_config(args.config, ["data.dataset=imagenet", *args.overrides]),
+                            args.check, weights_file)
+        return
     cfg = load_config(args.config, args.overrides) if args.config else None  # a bad key: named before anything loads
     state = load_file(args.checkpoint)
     cfg = cfg or load_config(None, args.overrides, state["config"], str(args.checkpoint))
@@ -53,6 +88,62 @@ def main(argv: list[str] | None = None) -> None:
                                                                              "val_loss")}}), flush=True)
     finally:
         shutdown()
+
+
+def evaluate_pretrained(source: str, cfg: Config, check: bool, weights_file: Path | None = None) -> None:
+    """Published weights on cfg.data.root with their own transform (torchvision's PIL pipeline), or
+    through this project's DALI val pipeline at the same sizes with data.loader=dali."""
+    from imagenet_resnet.pretrained import diagnosis, evaluate_published, load_published, output_index
+
+    root, device = Path(cfg.data.root), pick_device(cfg.run.device)
+    check_prepared(root)
+    published = load_published(source, weights_file=weights_file)
+    loader = "dali" if cfg.data.loader == "dali" and not check else "torchvision"
+    if loader == "dali":
+        result = dali_published(published, cfg, device)
+    else:
+        result = evaluate_published(published, root, device, loader_workers(cfg.data.workers), cfg.data.batch_size)
+    how = (f"{loader} loader: resize {published.resize} {published.interpolation}, centre crop {published.crop}"
+           + (" (PIL, the weights' own transform)" if loader == "torchvision" else " (DALI)"))
+    print(f"{source} on {result['val_images']:,} val images, {how}: top-1 {result['val_top1']:.3f} (published "
+          f"{published.top1 or 'not known here'}), top-5 {result['val_top5']:.3f} (published "
+          f"{published.top5 or 'not known here'})", flush=True)
+    verdict = None
+    if check and published.top1 is None:
+        raise UserError(f"--check {source}: no published figure to check against; use torchvision:resnet50.IMAGENET1K_V1")
+    if check:
+        verdict = diagnosis(result["val_top1"], result["val_images"], published.top1, len(output_index(root)))
+        try:
+            dali = dali_published(published, cfg, device)
+            print(f"DALI loader at the same sizes: top-1 {dali['val_top1']:.3f} ({dali['val_top1'] - result['val_top1']:+.3f} "
+                  f"against the torchvision loader: what DALI's resize costs in evaluation)", flush=True)
+        except UserError as err:  # DALI not installed: the torchvision figure is the check
+            print(f"DALI loader: not evaluated ({err})", flush=True)
+        print(f"FAIL: {verdict}" if verdict else f"PASS: top-1 within 0.1 of the published {published.top1} over "
+              f"all {result['val_images']:,} images", flush=True)
+    print(json.dumps({"pretrained": source, "loader": loader, **result, "published_top1": published.top1,
+                      "published_top5": published.top5}), flush=True)
+    if verdict:
+        raise SystemExit(1)
+
+
+def dali_published(published, cfg: Config, device: torch.device) -> dict[str, float]:
+    """The weights through this project's DALI val pipeline, resized and cropped as their transform does."""
+    from imagenet_resnet.data.datasets import normalization
+    from imagenet_resnet.pretrained import output_index, score
+
+    if published.interpolation not in ("bilinear", "bicubic") or not all(
+            abs(a - b) < 1e-3 for a, b in zip(published.mean + published.std, sum(normalization("imagenet"), ()))):
+        raise UserError(f"{published.source}: its transform ({published.interpolation}, mean {published.mean}) has no "
+                        f"DALI equivalent here; use data.loader=torchvision")
+    overrides = ["data.loader=dali", f"data.image_size={published.crop}", f"data.val_image_size={published.crop}",
+                 f"data.val_crop_fraction={published.crop / published.resize}",
+                 f"data.interpolation={'bicubic' if published.interpolation == 'bicubic' else 'bilinear'}"]
+    cfg = load_config(None, overrides, config_to_dict(cfg), "--pretrained")
+    dist = DistInfo(0, 0, 1, device)
+    _, val, _ = build_loaders(cfg, dist, torch.float32)
+    outputs = torch.tensor(output_index(Path(cfg.data.root)), device=device)
+    return score(published.net.to(device), ((images, outputs[labels]) for images, labels in val), device)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Start from trained weights: this project's checkpoints or torchvision/timm state_dict files.
+"""Start from trained weights: this project's checkpoints, torchvision/timm state_dict files, or
+published weights by name (`torchvision:resnet50.IMAGENET1K_V2`, `timm:seresnet50.ra2_in1k`: the
+SOURCE names of imagenet_resnet.pretrained, fetched into torch hub's or Hugging Face's cache).
 
 The classifier `fc` is replaced (kept freshly initialised) when the class count differs; every
 other tensor must match by name and shape, or the error names the ones that do not. `freeze`
@@ -6,6 +8,7 @@ chooses what trains: `none` (everything), `backbone` (only the head), `up_to_sta
 and stages 1..K stay fixed; BatchNorm statistics of frozen parts still adapt).
 
     pretrained = load_pretrained(model, "resnet50.pth")     # names of the tensors loaded
+    pretrained = load_pretrained(model, "torchvision:resnet50.IMAGENET1K_V2")
     apply_freeze(model, "up_to_stage:3")                    # ResNet-50: train layer4 and fc
 """
 
@@ -30,6 +33,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     .pt files load with weights_only=True, as torchvision and timm load theirs: a downloaded file
     whose pickle would run code is refused.
     """
+    from imagenet_resnet.pretrained import is_source, load_published
+
+    if is_source(str(path)):
+        return load_published(str(path)).net.state_dict()
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config key model.init_from={path}: file not found (nothing is downloaded)")

@@ -64,8 +64,8 @@ def test_cli_rejects_bad_input_with_a_message_not_a_traceback():
 
 def test_missing_cifar_names_the_path(tmp_path):
     proc = run_module("imagenet_resnet.train", "--config", "configs/cifar10_resnet20.yaml", f"data.root={tmp_path}",
-                      "wandb.mode=disabled", check=False)
-    assert proc.returncode == 2
+                      "wandb.mode=disabled", "data.download=never", check=False)
+    assert proc.returncode == 2 and "data.download=auto fetch" in proc.stderr
     assert str(tmp_path / "cifar-10-batches-py") in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -83,6 +83,7 @@ BAD_VALUES = {
     "model.blurpool": ["maybe", "true"],  # true: nor BlurPool
     "data.dataset": ["imagenet21k"],
     "data.root": ["''"],
+    "data.download": ["always"],
     "data.batch_size": ["0", "-3", "many"],
     "data.image_size": ["0", "4096"],
     "data.loader": ["ffcv"],
@@ -309,7 +310,8 @@ def test_the_launch_script_stops_once_on_missing_data(tmp_path, dataset, root, n
         (folders / split / "cat").mkdir(parents=True)
     config = "configs/cifar10_resnet20.yaml" if dataset == "cifar10" else "configs/demo_resnet18.yaml"
     proc = subprocess.run(["bash", "launch/single_node.sh", config, f"data.dataset={dataset}",
-                           f"data.root={root.format(tmp=tmp_path, folders=folders)}", f"run.out_dir={tmp_path / 'run'}"],
+                           f"data.root={root.format(tmp=tmp_path, folders=folders)}", f"run.out_dir={tmp_path / 'run'}",
+                           "data.download=never"],
                           cwd=REPO, env={**cli_env(), "NPROC": "2", "PYTHON": sys.executable}, capture_output=True,
                           text=True, timeout=120)
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]

@@ -81,7 +81,7 @@ def test_evaluate_uses_the_checkpoints_own_config_and_names_the_files_in_a_folde
     assert result["val_images"] == 110  # the checkpoint's data.root, dataset and model
     assert result["val_top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(out)[:4]))
     proc = run_module("imagenet_resnet.evaluate", "--checkpoint", str(out / "best.pt"), "data.root=/nonexistent",
-                      check=False)  # overrides go on top of it
+                      "data.download=never", check=False)  # overrides go on top of it
     assert proc.returncode == 2 and "/nonexistent" in proc.stderr
     proc = run_module("imagenet_resnet.evaluate", "--checkpoint", str(out), check=False)
     assert proc.returncode == 2 and f"e.g. {out / 'best.pt'} or {out / 'last.pt'}" in proc.stderr

@@ -32,6 +32,7 @@ from imagenet_resnet.data.datasets import (
     read_samples,
 )
 from imagenet_resnet.data.device_loader import DeviceLoader
+from imagenet_resnet.data.download import ensure_dataset
 from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, loader_workers, shard_range, train_image_size
 from imagenet_resnet.data.torchvision_loader import build_torchvision_loaders
 from imagenet_resnet.data.transforms import val_resize_side, val_transform
@@ -61,6 +62,7 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
     dataset = cfg.data.dataset
     if dataset in SMALL_DATASETS:
         spec = SMALL_DATASETS[dataset]  # config.py has checked data.loader against data.dataset
+        ensure_dataset(Path(cfg.data.root), dataset, cfg.data.download)
         read = read_cifar if dataset.startswith("cifar") else read_mnist
         train_x, train_y, val_x, val_y = read(cfg.data.root, dataset)
         normalize = Normalizer.create(spec.mean, spec.std, dist.device, input_dtype, channels_last)

@@ -77,7 +77,7 @@ def read_cifar(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tens
     if missing:
         raise UserError(
             f"{folder}: {dataset} not found (missing {', '.join(missing)}). Put the extracted "
-            f"{CIFAR_FOLDERS[dataset]} folder under data.root; this machine downloads nothing."
+            f"{CIFAR_FOLDERS[dataset]} folder under data.root, or let data.download=auto fetch it"
         )
     out = []
     for names in splits.values():
@@ -113,7 +113,7 @@ def read_mnist(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tens
             path = next((c for c in candidates if c.is_file()), None)
             if path is None:
                 raise UserError(f"{Path(root) / name}[.gz]: {dataset} file not found (also looked in "
-                                f"{Path(root) / IDX_SUBDIRS[dataset]}); this machine downloads nothing")
+                                f"{Path(root) / IDX_SUBDIRS[dataset]}); data.download=auto fetches it")
             array = torch.from_numpy(read_idx(path).copy())
             out.append(array[:, None] if array.ndim == 3 else array.long())
     return out[0], out[1], out[2], out[3]
@@ -201,7 +201,8 @@ def check_prepared(root: Path) -> None:
                         f"{COMPLETE_MARKER}, no train.txt); for your own class folders use data.dataset=folder")
     raise UserError(
         f"{root}: not a finished prepare-imagenet output (no {COMPLETE_MARKER} marker). "
-        f"Run: make prepare-imagenet SRC=<archives> DEST={root}"
+        f"Run: make prepare-imagenet SRC=<archives> DEST={root}. ImageNet is never downloaded here: it needs an "
+        f"account at image-net.org (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz)"
     )
 
 
@@ -217,9 +218,14 @@ def count_images(data: DataConfig) -> tuple[int, int]:
     """(train, val) images of data.dataset under data.root, read as the loaders will read them;
     UserError naming what is missing (the launch scripts check this before starting torchrun)."""
     root = Path(data.root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"config key data.root={data.root!r}: is a file; expected a folder")
+    if data.dataset in SMALL_DATASETS:
+        from imagenet_resnet.data.download import ensure_dataset  # here: download imports this module
+
+        ensure_dataset(root, data.dataset, data.download)
     if not root.is_dir():
-        raise UserError(f"config key data.root={data.root!r}: " + ("is a file; expected a folder" if root.exists()
-                                                                    else "no such folder"))
+        raise UserError(f"config key data.root={data.root!r}: no such folder")
     if data.dataset in SMALL_DATASETS:
         read = read_cifar if data.dataset.startswith("cifar") else read_mnist
         train, _, val, _ = read(root, data.dataset)
