@@ -8,6 +8,7 @@ DEST ?=
 WORKERS ?= $(shell nproc)
 VERIFY ?= counts
 PYTEST_ARGS ?=
+CHECK_WEIGHTS ?= torchvision:resnet50.IMAGENET1K_V1
 
 .PHONY: help venv demo test test-fast bench prepare-imagenet check-imagenet clean
 
@@ -39,7 +40,7 @@ prepare-imagenet: $(STAMP)  ## SRC=<folder with the ILSVRC2012 archives> DEST=<o
 	PYTHON=$(PY) WORKERS=$(WORKERS) VERIFY=$(VERIFY) bash data_prep/prepare_imagenet.sh "$(SRC)" "$(DEST)"
 
 check-imagenet: $(STAMP)  ## DEST=<prepared ImageNet>: torchvision's ResNet-50 V1 must score its published 76.13 on it
-	$(PY) -m imagenet_resnet.evaluate --pretrained torchvision:resnet50.IMAGENET1K_V1 --check data.root="$(DEST)"
+	$(PY) -m imagenet_resnet.evaluate --pretrained $(CHECK_WEIGHTS) --check data.root="$(DEST)" $(ARGS)
 
 clean:  ## remove the venv and generated demo data (never touches your DEST)
 	rm -rf $(VENV) runs/demo data/demo

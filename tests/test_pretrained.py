@@ -147,7 +147,7 @@ def test_offline_with_nothing_cached_is_one_line(subset, tmp_path):
 
 
 def test_check_imagenet_names_a_label_mapping_that_does_not_fit(subset, torch_home, tmp_path):
-    """The val labels shuffled (as an ILSVRC2012_ID mapping would leave them): FAIL, the diagnosis
+    """make check-imagenet (with the test's ResNet-18 for its ResNet-50). The val labels shuffled (as an ILSVRC2012_ID mapping would leave them): FAIL, the diagnosis
     names the labels, exit 1. The same set as prepared fails too (a 6-class set is not ImageNet's
     50,000 at 69.76), but not on its labels."""
     shuffled = tmp_path / "imagenet"
@@ -156,8 +156,11 @@ def test_check_imagenet_names_a_label_mapping_that_does_not_fit(subset, torch_ho
     labels = [line.rpartition(" ")[2] for line in lines]
     labels = labels[3:] + labels[:3]  # every image with another image's label
     (shuffled / "val.txt").write_text("".join(f"{line.rpartition(' ')[0]} {label}\n" for line, label in zip(lines, labels)))
-    proc = evaluate_cli(shuffled, torch_home, "--check")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    env = cli_env() | {"TORCH_HOME": str(torch_home), "https_proxy": "http://127.0.0.1:9"}
+    proc = subprocess.run(["make", "-s", "check-imagenet", f"DEST={shuffled}", f"CHECK_WEIGHTS={SOURCE}",
+                           f"PY={sys.executable}", "ARGS=data.workers=0"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "FAIL: top-1" in proc.stdout and "the val labels do not belong to the images" in proc.stdout, proc.stdout
     assert "DALI loader at the same sizes: top-1" in proc.stdout
     as_prepared = evaluate_cli(subset, torch_home, "--check")
