@@ -115,45 +115,48 @@ def laggards(dist: DistInfo) -> str:
 
 class GradientWait:
     """How long this rank waits for the others in DDP's gradient all-reduce, summed over steps: from
-    the moment its last gradient bucket is ready (its own backward done) until that bucket's
-    all-reduce completes. A DDP comm hook around PyTorch's default all-reduce, nothing else changed.
+    the moment its own last gradient is ready (a post-accumulate-grad hook on every trainable
+    parameter) until backward returns, which under DDP is once every rank's gradients are summed.
 
     The rank that waits least is the one the others wait for: its step time minus this wait is the
     time it needs on its own, which is what tells a slow node from a fast one (with DDP's per-step
-    synchronisation, every rank's wall time per step is the same). On CUDA the two moments are
-    CUDA events on the compute stream, read once per epoch; on the CPU, host clocks.
+    synchronisation, every rank's wall time per step is the same). The hooks run on the thread that
+    called backward, in Python: a hook of DDP's communication instead runs its Python callbacks on
+    the backend's threads, and a DataLoader worker forked meanwhile can inherit a held interpreter
+    lock and hang (seen with Python 3.11). On CUDA the two moments are CUDA events, read per epoch.
 
-        waits = GradientWait(device)
-        ddp.register_comm_hook(None, waits.hook)
-        ...
-        waits.take()  # seconds since the last take
+        waits = GradientWait(net, device)       # before DDP wraps net
+        loss.backward(); waits.step_done()      # after the backward that synchronises
+        waits.take()                            # seconds since the last take
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
+        self.ready: Any = None  # this step's last gradient: a host time, or a CUDA event re-recorded
         self.seconds = 0.0
         self.events: list[tuple[Any, Any]] = []
+        for param in net.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(self._gradient_ready)
 
-    def hook(self, state, bucket):  # unannotated: DDP compares the annotations with its own types
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        if not bucket.is_last():
-            return allreduce_hook(state, bucket)
-        start = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+    def _gradient_ready(self, param: torch.Tensor) -> None:
         if self.cuda:
-            start.record()
-        reduced = allreduce_hook(state, bucket)
+            if self.ready is None:
+                self.ready = torch.cuda.Event(enable_timing=True)
+            self.ready.record()
+        else:
+            self.ready = time.perf_counter()
 
-        def done(future: torch.futures.Future) -> torch.Tensor:
-            if self.cuda:  # this callback's stream waits for the all-reduce: the event marks its end
-                end = torch.cuda.Event(enable_timing=True)
-                end.record()
-                self.events.append((start, end))
-            else:
-                self.seconds += time.perf_counter() - start
-            return future.value()
-
-        return reduced.then(done)
+    def step_done(self) -> None:
+        if self.ready is None:
+            return
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((self.ready, end))
+        else:
+            self.seconds += time.perf_counter() - self.ready
+        self.ready = None
 
     def take(self) -> float:
         """Seconds waited since the last call (synchronising with the GPU on CUDA)."""

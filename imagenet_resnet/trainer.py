@@ -194,11 +194,11 @@ class Trainer:
         self.best_top1, self.best_weights = 0.0, "model"
         if state is not None:
             self._restore(state, path)
-        self.gradient_wait = GradientWait(dist.device)  # stragglers: who waits for whom
         wrapped = self.net
+        self.gradient_wait = None  # stragglers: who waits for whom in DDP's all-reduce
         if dist.is_distributed:
+            self.gradient_wait = GradientWait(self.net, dist.device)
             wrapped = DistributedDataParallel(self.net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
-            wrapped.register_comm_hook(None, self.gradient_wait.hook)
         # torch.compile goes around DDP, as PyTorch documents: DDPOptimizer then splits the graph at
         # DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward
         # (a compiled module inside DDP fires DDP's hooks only after its whole backward). Evaluation
@@ -490,6 +490,8 @@ class Trainer:
                         logits = self.model(inputs)
                         loss = self.criterion(logits, targets)
                     self.scaler.scale(loss / self.accum).backward()
+                if last_micro and self.gradient_wait:
+                    self.gradient_wait.step_done()
                 loss = loss.detach().double()
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
                 # In-place adds of host scalars: no host-to-device copy in the step loop.
@@ -533,7 +535,7 @@ class Trainer:
         """Stragglers, per epoch: each rank's own step time (wall time minus its wait for the others
         in the gradient all-reduce) and data-wait share; the slowest and fastest rank's, so a slow
         node shows in metrics.jsonl and wandb before it hangs a run. data_wait_fraction: the mean."""
-        own = (elapsed - self.gradient_wait.take()) / steps
+        own = (elapsed - (self.gradient_wait.take() if self.gradient_wait else 0.0)) / steps
         ranks = all_gather_objects((own, data_wait_s / elapsed))
         slowest = max(range(len(ranks)), key=lambda rank: ranks[rank][0])
         fastest = min(range(len(ranks)), key=lambda rank: ranks[rank][0])
