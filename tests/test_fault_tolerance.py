@@ -215,11 +215,12 @@ def imagenet_reference(imagenet_root, tmp_path_factory) -> Callable[[str], list[
     return reference
 
 
-@pytest.mark.parametrize("loader", ["torchvision", "dali"])
 def test_sigterm_to_the_launcher_with_loader_workers_checkpoints_and_resumes_exactly(imagenet_root, tmp_path,
-                                                                                     imagenet_reference, loader):
-    """torchrun signals each rank's whole process group: DataLoader workers must not die of it first."""
-    out = tmp_path / "run"
+                                                                                     imagenet_reference):
+    """torchrun signals each rank's whole process group: DataLoader workers must not die of it first.
+    (DALI reads in threads, not processes; its mid-epoch state across a kill is tested in
+    test_recipes' DALI run, and this test takes a minute per loader.)"""
+    out, loader = tmp_path / "run", "torchvision"
     proc = launched(imagenet_root, out, loader)
     wait_for(proc, "epoch 1 step 3/")
     proc.send_signal(signal.SIGTERM)
@@ -227,8 +228,6 @@ def test_sigterm_to_the_launcher_with_loader_workers_checkpoints_and_resumes_exa
     assert "stopped by SIGTERM at epoch 1" in output and "killed by signal" not in output, output[-3000:]
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["position"]["epoch"] == 1 and state["position"]["step_in_epoch"] > 0
-    if loader == "dali":  # DALI's reader position and RNG travel in last.pt: the resumed epoch is bit-identical
-        assert all(s["epoch"] == 1 and s["done"] == state["position"]["step_in_epoch"] for s in state["loader"])
     finish(launched(imagenet_root, out, loader))
     assert exact(read_metrics(out)) == imagenet_reference(loader)
 

@@ -118,8 +118,13 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_published_weights_score_as_torchvisions_own_loop_with_labels_by_wnid(subset, torch_home):
-    result = last_json(evaluate_cli(subset, torch_home))
+@pytest.fixture(scope="module")
+def by_source(subset, torch_home) -> dict:
+    return last_json(evaluate_cli(subset, torch_home))
+
+
+def test_published_weights_score_as_torchvisions_own_loop_with_labels_by_wnid(subset, torch_home, by_source):
+    result = by_source
     top1, top5 = independent_loop(subset, torch_home)
     assert (result["val_top1"], result["val_top5"], result["val_images"]) == (top1, top5, 18)
     assert top1 > 80  # the colour classifier is right on (nearly) all: the mapping by WNID holds
@@ -246,13 +251,13 @@ def test_fine_tuning_starts_from_published_weights_by_name(torch_home, monkeypat
     assert torch.equal(net.state_dict()["layer2.0.downsample.0.weight"], cached["layer2.0.downsample.0.weight"])
 
 
-def test_a_weights_file_with_arch_scores_as_its_source(subset, torch_home, tmp_path):
+def test_a_weights_file_with_arch_scores_as_its_source(subset, torch_home, tmp_path, by_source):
     """Offline machines: the file itself, in --arch's network with its transform and figures."""
     weights = next((torch_home / "hub" / "checkpoints").iterdir())
     by_file = subprocess.run([sys.executable, "-m", "imagenet_resnet.evaluate", "--pretrained", str(weights), "--arch",
                               SOURCE, f"data.root={subset}", "data.workers=0"], cwd=REPO,
                              env=cli_env() | {"TORCH_HOME": str(tmp_path / "empty_home")}, capture_output=True, text=True)
-    assert last_json(by_file) == last_json(evaluate_cli(subset, torch_home))
+    assert last_json(by_file) == by_source
     no_arch = subprocess.run([sys.executable, "-m", "imagenet_resnet.evaluate", "--pretrained", str(weights),
                               f"data.root={subset}"], cwd=REPO, env=cli_env(), capture_output=True, text=True)
     assert no_arch.returncode == 2 and "needs --arch SOURCE" in no_arch.stderr
