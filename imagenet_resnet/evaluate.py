@@ -40,7 +40,7 @@ from imagenet_resnet.trainer import amp_dtype, build_network, evaluate
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(__spec__.name, "Evaluate a checkpoint: top-1/top-5 over every val image exactly once.",
+    p = parser(__spec__.name, "Evaluate a checkpoint, or published weights (--pretrained): top-1/top-5 over every val image once.",
                config_help="YAML recipe to use instead of the checkpoint's own config (default: the checkpoint's)")
     p.add_argument("--checkpoint", type=existing_file, help="a last.pt or best.pt written by training")
     p.add_argument("--weights", choices=tuple(WEIGHTS), help="model or ema (default: those that scored best)")
