@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 def evaluate_pretrained(source: str, cfg: Config, check: bool, weights_file: Path | None = None) -> None:
     """Published weights on cfg.data.root with their own transform (torchvision's PIL pipeline), or
     through this project's DALI val pipeline at the same sizes with data.loader=dali."""
-    from imagenet_resnet.pretrained import diagnosis, evaluate_published, load_published, output_index
+    from imagenet_resnet.pretrained import diagnosis, load_published, output_index, published_batches
 
     root, device = Path(cfg.data.root), pick_device(cfg.run.device)
     check_prepared(root)
@@ -102,7 +102,8 @@ def evaluate_pretrained(source: str, cfg: Config, check: bool, weights_file: Pat
     if loader == "dali":
         result = dali_published(published, cfg, device)
     else:
-        result = evaluate_published(published, root, device, loader_workers(cfg.data.workers), cfg.data.batch_size)
+        batches = published_batches(published, root, device, loader_workers(cfg.data.workers), cfg.data.batch_size)
+        result = evaluate(published.net.to(device), batches, None, device)
     how = (f"{loader} loader: resize {published.resize} {published.interpolation}, centre crop {published.crop}"
            + (" (PIL, the weights' own transform)" if loader == "torchvision" else " (DALI)"))
     print(f"{source} on {result['val_images']:,} val images, {how}: top-1 {result['val_top1']:.3f} (published "
@@ -130,7 +131,7 @@ def evaluate_pretrained(source: str, cfg: Config, check: bool, weights_file: Pat
 def dali_published(published, cfg: Config, device: torch.device) -> dict[str, float]:
     """The weights through this project's DALI val pipeline, resized and cropped as their transform does."""
     from imagenet_resnet.data.datasets import normalization
-    from imagenet_resnet.pretrained import output_index, score
+    from imagenet_resnet.pretrained import output_index
 
     if published.interpolation not in ("bilinear", "bicubic") or not all(
             abs(a - b) < 1e-3 for a, b in zip(published.mean + published.std, sum(normalization("imagenet"), ()))):
@@ -138,12 +139,12 @@ def dali_published(published, cfg: Config, device: torch.device) -> dict[str, fl
                         f"DALI equivalent here; use data.loader=torchvision")
     overrides = ["data.loader=dali", f"data.image_size={published.crop}", f"data.val_image_size={published.crop}",
                  f"data.val_crop_fraction={published.crop / published.resize}",
-                 f"data.interpolation={'bicubic' if published.interpolation == 'bicubic' else 'bilinear'}"]
+                 f"data.interpolation={published.interpolation}"]
     cfg = load_config(None, overrides, config_to_dict(cfg), "--pretrained")
     dist = DistInfo(0, 0, 1, device)
     _, val, _ = build_loaders(cfg, dist, torch.float32)
     outputs = torch.tensor(output_index(Path(cfg.data.root)), device=device)
-    return score(published.net.to(device), ((images, outputs[labels]) for images, labels in val), device)
+    return evaluate(published.net.to(device), ((images, outputs[labels]) for images, labels in val), None, device)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Labels go by WNID: a prepared set's label k is its k-th sorted WNID, the weights
 i-th of the 1000 (n01440764 first, timm's ImageNetInfo), so a prepared subset is scored right.
 
     published = load_published("torchvision:resnet50.IMAGENET1K_V1")
-    result = evaluate_published(published, Path("/data/imagenet"))   # {"val_top1": 76.13, ...}
+    batches = published_batches(published, Path("/data/imagenet"), device, workers=8)  # for trainer.evaluate
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.metrics import topk_correct
 
 IMAGENET_CLASSES = 1000
 
@@ -192,29 +191,16 @@ class PILImages(Dataset):
             raise UserError(f"{self.folder / path}: unreadable image ({err})") from err
 
 
-@torch.no_grad()
-def evaluate_published(published: Published, root: Path, device: torch.device, workers: int,
-                       batch_size: int = 64) -> dict[str, float]:
-    """Top-1/top-5 (percent) of the weights over every prepared val image, with their transform."""
+def published_batches(published: Published, root: Path, device: torch.device, workers: int, batch_size: int = 64):
+    """Every prepared val image through the weights' own transform, its label as the weights'
+    output index: (images, labels) batches on `device`, for the trainer's `evaluate`."""
     from imagenet_resnet.data import read_samples
 
     samples, _ = read_samples(root, "imagenet")
     outputs = torch.tensor(output_index(root), device=device)
     loader = DataLoader(PILImages(root / "val", samples["val"], published.transform), batch_size=batch_size,
                         num_workers=workers)
-    return score(published.net.to(device), ((images.to(device), outputs[labels.to(device)]) for images, labels in loader),
-                 device)
-
-
-@torch.no_grad()
-def score(net: nn.Module, batches, device: torch.device) -> dict[str, float]:
-    """Top-1/top-5 over (normalised images, output-index labels) batches."""
-    counts = torch.zeros(3, dtype=torch.float64, device=device)
-    for images, labels in batches:
-        counts[:2] += topk_correct(net(images).float(), labels)
-        counts[2] += labels.numel()
-    top1, top5, images = counts.tolist()
-    return {"val_top1": 100 * top1 / max(images, 1), "val_top5": 100 * top5 / max(images, 1), "val_images": int(images)}
+    return ((images.to(device), outputs[labels.to(device)]) for images, labels in loader)
 
 
 def diagnosis(top1: float, images: int, published_top1: float, classes: int, tolerance: float = 0.1) -> str | None:
