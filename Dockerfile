@@ -18,6 +18,7 @@ COPY imagenet_resnet ./imagenet_resnet
 COPY data_prep ./data_prep
 COPY configs ./configs
 COPY launch ./launch
+COPY benchmarks ./benchmarks
 
 # Pin the image's own torch and torchvision so pip keeps them instead of fetching others.
 RUN python -c "import torch, torchvision; print(f'torch=={torch.__version__}'); print(f'torchvision=={torchvision.__version__}')" > /tmp/keep.txt \

@@ -8,9 +8,10 @@ DEST ?=
 WORKERS ?= $(shell nproc)
 VERIFY ?= counts
 PYTEST_ARGS ?=
+TEST_WORKERS ?= auto
 CHECK_WEIGHTS ?= torchvision:resnet50.IMAGENET1K_V1
 
-.PHONY: help venv demo test test-fast bench prepare-imagenet check-imagenet clean
+.PHONY: help venv demo lint test test-fast bench prepare-imagenet check-imagenet clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -27,14 +28,17 @@ venv: $(STAMP)  ## create .venv and install the package with DALI and test tools
 demo: $(STAMP)  ## generate small ILSVRC2012 archives, prepare them, train ResNet-18 with torchrun, evaluate, plot
 	bash launch/demo.sh $(ARGS)
 
-test: $(STAMP)  ## the whole suite (unit + end-to-end with several processes)
-	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
+lint: $(STAMP)  ## ruff with the rules in pyproject.toml (line length 120, unused names, import order)
+	$(VENV)/bin/ruff check .
 
-test-fast: $(STAMP)  ## unit tests only
-	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
+test: lint  ## lint, then the whole suite (unit + end-to-end with several processes) on every core
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20 $(PYTEST_ARGS)
+
+test-fast: lint  ## lint, then the unit tests only, on every core
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not e2e" $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks: writes bench/results.json and a Markdown table (CPU parts when no GPU)
-	$(PY) -m imagenet_resnet.bench --out bench
+	$(PY) -m benchmarks.bench --out bench
 
 prepare-imagenet: $(STAMP)  ## SRC=<folder with the ILSVRC2012 archives> DEST=<output>: extract, map val, file lists, verify
 	PYTHON=$(PY) WORKERS=$(WORKERS) VERIFY=$(VERIFY) bash data_prep/prepare_imagenet.sh "$(SRC)" "$(DEST)"

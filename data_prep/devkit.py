@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ import scipy.io
 
 from imagenet_resnet.cli import command, existing_file, run_main
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.files import write_atomic
 
 META = "data/meta.mat"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
@@ -63,7 +63,9 @@ def read_devkit(path: Path) -> Devkit:
         records = scipy.io.loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
         leaves = [
             # words become one line of synsets.txt whatever whitespace or line breaks they hold
-            Synset(int(r["ILSVRC2012_ID"]), str(r["WNID"]), " ".join(str(r["words"]).split()), int(r["num_train_images"]))
+            Synset(
+                int(r["ILSVRC2012_ID"]), str(r["WNID"]), " ".join(str(r["words"]).split()), int(r["num_train_images"])
+            )
             for r in records
             if int(r["num_children"]) == 0
         ]
@@ -98,11 +100,6 @@ def load(dest: Path) -> Devkit:
     raw = json.loads((dest / ".prep" / "devkit.json").read_text())
     return Devkit([Synset(**s) for s in raw["synsets"]], raw["val_wnids"])
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

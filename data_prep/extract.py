@@ -32,6 +32,7 @@ from tqdm import tqdm
 from data_prep import devkit as devkit_mod
 from imagenet_resnet.cli import command, existing_file, positive_int, run_main
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.files import write_atomic
 
 WNID_TAR = re.compile(r"^(n\d{8})\.tar$")
 UNSAFE_CATEGORIES = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
@@ -179,7 +180,7 @@ def extract_unit(archive_path: Path, unit: Unit, dest: Path) -> dict:
                 (partial / name).write_bytes(data)
                 count += 1
         record = {"wnid": unit.wnid, "files": count, "converted": converted, "unreadable": unreadable}
-        devkit_mod.write_atomic(dest / ".prep" / unit.split / f"{unit.wnid}.json", json.dumps(record))
+        write_atomic(dest / ".prep" / unit.split / f"{unit.wnid}.json", json.dumps(record))
         os.rename(partial, dest / unit.split / unit.wnid)  # the commit point: a class folder is complete
     except OSError as err:  # disk full, quota, read-only: free what this unit took, name the place
         shutil.rmtree(partial, ignore_errors=True)
@@ -196,7 +197,9 @@ def check_free_space(dest: Path, needed: int) -> None:
 
 def extract(split: str, archive: Path, dest: Path, workers: int) -> None:
     kit = devkit_mod.load(dest)
-    units = train_units(archive, {s.wnid for s in kit.synsets}) if split == "train" else val_units(archive, kit.val_wnids)
+    units = (
+        train_units(archive, {s.wnid for s in kit.synsets}) if split == "train" else val_units(archive, kit.val_wnids)
+    )
     (dest / split).mkdir(parents=True, exist_ok=True)
     (dest / ".prep" / split).mkdir(parents=True, exist_ok=True)
     todo = [u for u in units if not (dest / split / u.wnid).is_dir()]
@@ -235,7 +238,9 @@ def ignore_sigint() -> None:
 def main() -> None:
     p = command(__spec__.name, "Extract one split of ILSVRC2012 into DEST/<split>/<wnid>/.")
     p.add_argument("--split", choices=("train", "val"), required=True, help="which archive this is")
-    p.add_argument("--archive", type=existing_file, required=True, help="ILSVRC2012_img_train.tar or _val.tar (read only)")
+    p.add_argument(
+        "--archive", type=existing_file, required=True, help="ILSVRC2012_img_train.tar or _val.tar (read only)"
+    )
     p.add_argument("--dest", type=Path, required=True, help="the prepared dataset's folder")
     p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="parallel extraction processes")
     a = p.parse_args()

@@ -24,19 +24,24 @@ from PIL import Image
 
 from data_prep import devkit as devkit_mod
 from data_prep.extract import ignore_sigint
-from data_prep.layout import COMPLETE_MARKER, DEVKIT, MANIFEST, TRAIN_TAR, VAL_TAR
 from imagenet_resnet.cli import command, positive_int, run_main
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.files import write_atomic
+from imagenet_resnet.layout import COMPLETE_MARKER, DEVKIT, MANIFEST, TRAIN_TAR, VAL_TAR
 
 
 def source_stamp(src: Path) -> dict[str, list[int]]:
     """Size and mtime of each archive: a finished DEST made from these same files is up to date."""
-    return {name: [(src / name).stat().st_size, int((src / name).stat().st_mtime)] for name in (TRAIN_TAR, VAL_TAR, DEVKIT)}
+    return {
+        name: [(src / name).stat().st_size, int((src / name).stat().st_mtime)] for name in (TRAIN_TAR, VAL_TAR, DEVKIT)
+    }
 
 
 def is_up_to_date(dest: Path, src: Path) -> bool:
     try:
-        return (dest / COMPLETE_MARKER).is_file() and json.loads((dest / MANIFEST).read_text())["sources"] == source_stamp(src)
+        return (dest / COMPLETE_MARKER).is_file() and json.loads((dest / MANIFEST).read_text())[
+            "sources"
+        ] == source_stamp(src)
     except (OSError, ValueError, KeyError):
         return False
 
@@ -57,7 +62,7 @@ def write_file_lists(dest: Path, kit: devkit_mod.Devkit) -> dict[str, list[tuple
     label_of = kit.label_of()
     lists = {split: list_split(dest, split, label_of) for split in ("train", "val")}
     for split, files in lists.items():
-        devkit_mod.write_atomic(dest / f"{split}.txt", "".join(f"{path} {label}\n" for path, label in files))
+        write_atomic(dest / f"{split}.txt", "".join(f"{path} {label}\n" for path, label in files))
     wnid_to_classes = {s.wnid: tuple(s.words.split(", ")) for s in kit.synsets}
     val_wnids = [kit.val_wnids[name] for name in sorted(kit.val_wnids)]
     torch.save((wnid_to_classes, val_wnids), dest / "meta.bin")  # torchvision.datasets.ImageNet(DEST)
@@ -74,7 +79,9 @@ def count_problems(kit: devkit_mod.Devkit, lists: dict[str, list[tuple[str, int]
         found = Counter(path.split("/")[0] for path, _ in files)
         for wnid in sorted(expected[split]):
             if found[wnid] != expected[split][wnid]:
-                problems.append((split, wnid, f"{split}/{wnid}: {found[wnid]} images, the devkit says {expected[split][wnid]}"))
+                problems.append(
+                    (split, wnid, f"{split}/{wnid}: {found[wnid]} images, the devkit says {expected[split][wnid]}")
+                )
         total, want = sum(found.values()), sum(expected[split].values())
         if total != want:
             problems.append((split, None, f"{split}: {total} images in all, expected {want}"))
@@ -109,6 +116,16 @@ def set_aside(dest: Path, problems: list[Problem]) -> list[str]:
     return [f"{split}/{wnid}" for split, wnid in condemned]
 
 
+def failed(dest: Path, problems: list[Problem]) -> UserError:
+    """The verification's problems, the failed class folders set aside for the next run to extract again."""
+    messages = [message for _, _, message in problems]
+    shown = "\n  ".join(messages[:20]) + (f"\n  ... and {len(messages) - 20} more" if len(messages) > 20 else "")
+    redo = set_aside(dest, problems)
+    again = (f"Removed {len(redo)} class folder(s) ({', '.join(redo[:5])}{' ...' if len(redo) > 5 else ''}); "
+             f"the next run extracts them again from the archives." if redo else "")
+    return UserError(f"{dest}: verification failed, {len(messages)} problem(s):\n  {shown}\n" + again)
+
+
 def finish(dest: Path, src: Path, decode: bool, workers: int) -> None:
     kit = devkit_mod.load(dest)
     lists = write_file_lists(dest, kit)
@@ -121,13 +138,8 @@ def finish(dest: Path, src: Path, decode: bool, workers: int) -> None:
         print(f"verify: decoding all {sum(map(len, lists.values()))} images with {workers} processes", flush=True)
         problems += decode_all(dest, lists, workers)
     if problems:
-        messages = [message for _, _, message in problems]
-        shown = "\n  ".join(messages[:20]) + (f"\n  ... and {len(messages) - 20} more" if len(messages) > 20 else "")
-        redo = set_aside(dest, problems)
-        raise UserError(f"{dest}: verification failed, {len(messages)} problem(s):\n  {shown}\n"
-                        + (f"Removed {len(redo)} class folder(s) ({', '.join(redo[:5])}{' ...' if len(redo) > 5 else ''}); "
-                           f"the next run extracts them again from the archives." if redo else ""))
-    devkit_mod.write_atomic(dest / "converted.txt", "".join(c + "\n" for c in converted))
+        raise failed(dest, problems)
+    write_atomic(dest / "converted.txt", "".join(c + "\n" for c in converted))
     manifest = {
         "sources": source_stamp(src),
         "classes": len(kit.synsets),
@@ -138,11 +150,13 @@ def finish(dest: Path, src: Path, decode: bool, workers: int) -> None:
         "converted": converted,
         "decoded": decode,
     }
-    devkit_mod.write_atomic(dest / MANIFEST, json.dumps(manifest, indent=1))
-    devkit_mod.write_atomic(dest / COMPLETE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-    print(f"verified: {manifest['images']['train']} train and {manifest['images']['val']} val images in "
-          f"{len(kit.synsets)} classes; {len(converted)} file(s) re-encoded or renamed (list: {dest / 'converted.txt'})",
-          flush=True)
+    write_atomic(dest / MANIFEST, json.dumps(manifest, indent=1))
+    write_atomic(dest / COMPLETE_MARKER, time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    print(
+        f"verified: {manifest['images']['train']} train and {manifest['images']['val']} val images in "
+        f"{len(kit.synsets)} classes; {len(converted)} file(s) re-encoded or renamed (list: {dest / 'converted.txt'})",
+        flush=True,
+    )
     for line in converted:
         print(f"  converted {line}", flush=True)
 

@@ -19,13 +19,14 @@ import io
 import pickle
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.io
 from PIL import Image
 
-from data_prep.layout import DEVKIT, TRAIN_TAR, VAL_TAR
 from imagenet_resnet.cli import command, positive_int
+from imagenet_resnet.layout import DEVKIT, TRAIN_TAR, VAL_TAR
 
 SYNSET_FIELDS = ("ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
                  "num_train_images")
@@ -79,6 +80,22 @@ def write_meta_mat(path: Path, wnids_by_id: list[str], train_counts: dict[str, i
     scipy.io.savemat(path, {"synsets": synsets})
 
 
+def write_train_tar(path: Path, counts: dict[str, int], image: Callable[[str], Image.Image], plant_problems: bool,
+                    quality: int) -> None:
+    """The train release: one tar per class (in `counts`' order) inside one tar. The first class
+    holds a CMYK JPEG, a PNG and a greyscale JPEG named .JPEG when `plant_problems`, as the real one does."""
+    with tarfile.open(path, "w") as outer:
+        for wnid, count in counts.items():
+            inner_buf = io.BytesIO()
+            with tarfile.open(fileobj=inner_buf, mode="w") as inner:
+                for n in range(count):
+                    kind = "rgb"
+                    if plant_problems and wnid == next(iter(counts)):
+                        kind = {0: "cmyk", 1: "png", 2: "grey"}.get(n, "rgb")
+                    add_bytes(inner, f"{wnid}_{1000 + n}.JPEG", encode(image(wnid), kind, quality))
+            add_bytes(outer, f"{wnid}.tar", inner_buf.getvalue())
+
+
 def generate(out: Path, classes: int = 10, train_per_class: tuple[int, int] = (10, 14), val_per_class: int = 4,
              size: tuple[int, int] = (64, 48), seed: int = 0, plant_problems: bool = True, quality: int = 90,
              wnids: list[str] | None = None, words: dict[str, str] | None = None) -> Path:
@@ -99,24 +116,13 @@ def generate(out: Path, classes: int = 10, train_per_class: tuple[int, int] = (1
         return class_image(label[wnid], rng, w, h)
 
     train_counts = {w: int(rng.integers(train_per_class[0], train_per_class[1] + 1)) for w in wnids}
-    with tarfile.open(out / TRAIN_TAR, "w") as outer:
-        for wnid in wnids:
-            inner_buf = io.BytesIO()
-            with tarfile.open(fileobj=inner_buf, mode="w") as inner:
-                for n in range(train_counts[wnid]):
-                    kind = "rgb"
-                    if plant_problems and wnid == wnids[0]:
-                        kind = {0: "cmyk", 1: "png", 2: "grey"}.get(n, "rgb")
-                    add_bytes(inner, f"{wnid}_{1000 + n}.JPEG", encode(image(wnid), kind, quality))
-            add_bytes(outer, f"{wnid}.tar", inner_buf.getvalue())
-
+    write_train_tar(out / TRAIN_TAR, train_counts, image, plant_problems, quality)
     val_wnids = list(rng.permutation([w for w in wnids for _ in range(val_per_class)]))
     names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, len(val_wnids) + 1)]
     with tarfile.open(out / VAL_TAR, "w") as val_tar:
         for i in rng.permutation(len(names)):  # the real tar is not in name order either
             kind = "cmyk" if plant_problems and i == len(names) // 2 else "rgb"
             add_bytes(val_tar, names[i], encode(image(val_wnids[i]), kind, quality))
-
     id_of = {w: i for i, w in enumerate(wnids_by_id, start=1)}
     mat = io.BytesIO()
     write_meta_mat(mat, wnids_by_id, train_counts, inner_nodes=max(2, classes // 4), words=words)
@@ -158,7 +164,9 @@ def generate_cifar(root: Path, dataset: str = "cifar10", train_per_class: int = 
     def dump(name: str, data: np.ndarray, labels: list[int]) -> None:
         key = "labels" if dataset == "cifar10" else "fine_labels"
         with open(folder / name, "wb") as f:
-            pickle.dump({"data": data, key: labels, "filenames": [f"{i}.png" for i in range(len(labels))]}, f, protocol=2)
+            pickle.dump(
+                {"data": data, key: labels, "filenames": [f"{i}.png" for i in range(len(labels))]}, f, protocol=2
+            )
 
     train_x, train_y = split(train_per_class)
     val_x, val_y = split(val_per_class)
@@ -185,7 +193,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def generate_mnist(root: Path, train_per_class: int = 50, val_per_class: int = 10, gz: bool = True, seed: int = 0) -> Path:
+def generate_mnist(
+    root: Path, train_per_class: int = 50, val_per_class: int = 10, gz: bool = True, seed: int = 0
+) -> Path:
     """train-images-idx3-ubyte[.gz] and friends: 28x28 greyscale, a pattern per class."""
     rng = np.random.default_rng(seed)
     Path(root).mkdir(parents=True, exist_ok=True)
@@ -201,11 +211,15 @@ def generate_mnist(root: Path, train_per_class: int = 50, val_per_class: int = 1
 def main() -> None:
     p = command(__spec__.name, "Write small ILSVRC2012-format archives.")
     p.add_argument("--out", type=Path, required=True, help="folder for the train tar, the val tar and the devkit")
-    p.add_argument("--classes", type=positive_int, default=10, help="classes (real WNIDs, the first in the devkit's order)")
+    p.add_argument(
+        "--classes", type=positive_int, default=10, help="classes (real WNIDs, the first in the devkit's order)"
+    )
     p.add_argument("--train-per-class", type=positive_int, nargs=2, default=(10, 14), metavar=("MIN", "MAX"),
                    help="train images per class, drawn between MIN and MAX")
     p.add_argument("--val-per-class", type=positive_int, default=4, help="val images per class")
-    p.add_argument("--size", type=positive_int, nargs=2, default=(64, 48), metavar=("W", "H"), help="image size in pixels")
+    p.add_argument(
+        "--size", type=positive_int, nargs=2, default=(64, 48), metavar=("W", "H"), help="image size in pixels"
+    )
     p.add_argument("--quality", type=positive_int, default=90, help="JPEG quality, 1..100")
     p.add_argument("--seed", type=int, default=0, help="random seed of the images and counts")
     a = p.parse_args()

@@ -1,8 +1,11 @@
-"""Checkpoints that survive a kill at any moment, and the state that makes resume exact.
+"""The checkpoint: its keys (this module alone reads and writes them), and files that survive a
+kill at any moment.
 
-`save_atomic` writes a temporary file, fsyncs it, moves the old file aside as `<name>.prev`
-and renames the new one into place: at every instant one complete checkpoint exists, and a
-write that fails (disk full, folder gone) leaves the previous one as it was.
+`Checkpoint` is the saved state as fields: training builds one and `save`s it; resume, evaluate,
+predict, export and `upgrade` read one back through `load_checkpoint`. `save_atomic` writes a
+temporary file, fsyncs it, moves the old file aside as `<name>.prev` and renames the new one
+into place: at every instant one complete checkpoint exists, and a write that fails (disk full,
+folder gone) leaves the previous one as it was.
 `load_latest` takes the newest readable one, warns when it had to fall back, and refuses
 (rather than start over) when there are checkpoints but none can be read.
 
@@ -11,56 +14,136 @@ values only (RNG states included), so a file that would run code when unpickled 
 Checkpoints written before that rule (NumPy RNG state inside) are converted once by `upgrade`,
 which also runs no code from the file:
 
-    save_atomic(state, out_dir / "last.pt")
-    state, path = load_latest(out_dir)          # (None, None) when nothing was saved yet
-    restore_rng(state["rng"][rank])
+    save(checkpoint, out_dir, best=True)               # last.pt, and best.pt linked to it
+    saved, path = load_latest(out_dir)                # (None, None) when nothing was saved yet
+    restore_rng(saved.rng[rank])
     python -m imagenet_resnet.checkpoint upgrade runs/x/last.pt   # an older checkpoint, in place
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
 import random
+import re
 import sys
 import zipfile
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from imagenet_resnet.cli import command, existing_file, run_main
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.files import replacing, write_atomic, write_synced
 
 LAST = "last.pt"
 BEST = "best.pt"
+WEIGHTS = ("model", "ema")  # what --weights chooses: the trained weights or their EMA
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass
+class Position:
+    epoch: int = 0  # the epoch in progress
+    step_in_epoch: int = 0  # steps of it already done
+    global_step: int = 0
 
 
-def _write_synced(path: Path, data: io.BytesIO, mode: int = 0o666) -> None:
-    """Create `path` (it must not exist) with `data`, fsynced; `mode` is filtered by the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds. Per-rank lists (rng, loader, train_sums, ema_buffers) are in rank
+    order; `init_tensors` names the tensors model.init_from loaded (their lr is scaled)."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    position: Position
+    train_sums: list[torch.Tensor]  # each rank's (loss sum, top-1 count, images) of the epoch so far
+    best_top1: float
+    rng: list[dict[str, Any]]
+    loader: list[Any]
+    config: dict[str, Any]
+    num_classes: int
+    world_size: int
+    global_batch: int
+    best_weights: str = "model"  # which of model / ema scored best_top1
+    scaler: dict[str, Any] | None = None
+    class_names: list[str] = field(default_factory=list)
+    init_tensors: list[str] | None = None
+    model_ema: dict[str, torch.Tensor] | None = None
+    ema_buffers: list[dict[str, torch.Tensor]] | None = None
+
+    # Keys as written since the first version; `init_tensors` is stored as "pretrained".
+    _KEY_OF = {"init_tensors": "pretrained"}
+
+    def to_state(self) -> dict[str, Any]:
+        state = {self._KEY_OF.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        state["position"] = vars(self.position).copy()
+        return {key: value for key, value in state.items() if value is not None}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Checkpoint:
+        values = {f.name: state[cls._KEY_OF.get(f.name, f.name)] for f in fields(cls)
+                  if cls._KEY_OF.get(f.name, f.name) in state}
+        return cls(**{**values, "position": Position(**state["position"])})
+
+    def weights(self, which: str, path: Path) -> dict[str, torch.Tensor]:
+        """The model's or (which="ema") the EMA's state_dict; UserError if it has no EMA."""
+        if which == "ema" and self.model_ema is None:
+            raise UserError(f"{path}: holds no EMA weights (trained with model.ema_decay=0); use --weights model")
+        return self.model_ema if which == "ema" else self.model
 
 
-def _remove(path: Path) -> None:
-    """Clean-up after a failed write, which must not raise over the error being reported (a
-    read-only filesystem refuses even to unlink a file that is not there)."""
-    with contextlib.suppress(OSError):
-        path.unlink(missing_ok=True)
+def save(checkpoint: Checkpoint, out_dir: Path, best: bool = False) -> None:
+    """last.pt (the previous one kept as last.pt.prev) and, if `best`, best.pt as a hard link to it
+    (a copy where the filesystem has no links): one serialisation, one write."""
+    save_atomic(checkpoint.to_state(), out_dir / LAST)
+    if best:
+        try:
+            with replacing(out_dir / BEST) as partial:
+                try:
+                    os.link(out_dir / LAST, partial)
+                except OSError:
+                    write_synced(partial, (out_dir / LAST).read_bytes())
+        except OSError as err:
+            raise UserError(f"{out_dir}: could not write checkpoint {BEST} ({err.strerror or err})") from err
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    return Checkpoint.from_state(load_file(path))
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The saved moments and step counts; the settings (lr scale, weight decay, momentum, trust
+    coefficient, ...) stay those of this config's parameter groups."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .pt/.pth file (our checkpoint, a plain or wrapped state_dict) or .safetensors.
+
+    .pt files load with weights_only=True, as torchvision and timm load theirs: a downloaded file
+    whose pickle would run code is refused.
+    """
+    if path.suffix == ".safetensors":
+        try:
+            state = safetensors.torch.load_file(str(path))
+        except Exception as err:  # unreadable in any of its ways: name the file
+            raise UserError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from err
+    else:
+        state = safe_load(path, "weights file")
+    for key in ("model", "state_dict"):  # our checkpoints; timm/lightning-style wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: holds no state_dict of tensors")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -69,26 +152,18 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     A failed write removes the temporary file and raises UserError naming the folder and the
     cause; `path` is then still the previous, complete checkpoint.
     """
-    tmp = path.with_name(path.name + ".tmp")
     data = io.BytesIO()
     torch.save(state, data)  # in memory first: a failed write then raises OSError with its cause
     try:
-        tmp.unlink(missing_ok=True)  # a leftover of a write that was killed
-        _write_synced(tmp, data)
-        if path.exists():
-            os.replace(path, path.with_name(path.name + ".prev"))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        write_atomic(path, data.getbuffer(), previous=".prev")
     except OSError as err:
-        _remove(tmp)
         cause = err.strerror or str(err)
         kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
         raise UserError(f"{path.parent}: could not write checkpoint {path.name} ({cause}); {kept}") from err
 
 
 # What a resume reads; a file without them is not one of this project's checkpoints.
-REQUIRED_KEYS = ("model", "optimizer", "position", "train_sums", "best_top1", "rng", "loader", "config",
-                 "num_classes", "world_size", "global_batch")
+REQUIRED_KEYS = tuple(f.name for f in fields(Checkpoint) if f.default is MISSING and f.default_factory is MISSING)
 
 
 def safe_load(path: Path, what: str = "checkpoint") -> Any:
@@ -154,7 +229,7 @@ def load_file(path: Path) -> dict[str, Any]:
     return _check_ours(safe_load(path), path)
 
 
-def load_latest(out_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
+def load_latest(out_dir: Path) -> tuple[Checkpoint | None, Path | None]:
     """The newest readable of last.pt and last.pt.prev, warning about a corrupt one; (None, None)
     when neither exists. Raises UserError when they exist but none reads: a fresh start would
     overwrite the run."""
@@ -162,7 +237,7 @@ def load_latest(out_dir: Path) -> tuple[dict[str, Any] | None, Path | None]:
     problems = []
     for path in found:
         try:
-            return load_file(path), path
+            return load_checkpoint(path), path
         except UserError as err:
             problems.append(str(err))
             fallback = "; trying the previous checkpoint" if path != found[-1] else ""
@@ -204,13 +279,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def upgrade(path: Path) -> None:
-    """Rewrite a checkpoint of an older imagenet_resnet (a NumPy array in its RNG states) so that
-    weights-only loading accepts it. It is loaded weights-only too, with exactly the NumPy globals
-    such an array needs allowed: a file that needs anything else is refused and runs nothing."""
+def _load_older(path: Path) -> dict[str, Any]:
+    """A checkpoint loaded weights-only with the older RNG state's NumPy globals allowed, and nothing else."""
     try:
         if not zipfile.is_zipfile(path):
-            raise UserError(f"{path}: not a checkpoint (PyTorch writes a zip archive; this is not one); nothing was changed")
+            raise UserError(
+                f"{path}: not a checkpoint (PyTorch writes a zip archive; this is not one); nothing was changed"
+            )
     except OSError as err:
         raise UserError(f"{path}: cannot read it ({err.strerror or err})") from err
     needs = unsafe_globals(path)
@@ -225,7 +300,14 @@ def upgrade(path: Path) -> None:
     except Exception as err:  # a text file, a truncated zip, unreadable: one line
         cause = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
         raise UserError(f"{path}: not a checkpoint this tool can read ({type(err).__name__}: {cause})") from err
-    _check_ours(state, path)
+    return _check_ours(state, path)
+
+
+def upgrade(path: Path) -> None:
+    """Rewrite a checkpoint of an older imagenet_resnet (a NumPy array in its RNG states) so that
+    weights-only loading accepts it. It is loaded weights-only too, with exactly the NumPy globals
+    such an array needs allowed: a file that needs anything else is refused and runs nothing."""
+    state = _load_older(path)
     old = [rng for rng in state["rng"] if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple)]
     if not old:
         print(f"{path}: already loads with weights_only=True; left as it is", flush=True)
@@ -238,13 +320,9 @@ def upgrade(path: Path) -> None:
     data = io.BytesIO()
     torch.save(state, data)
     try:
-        new.unlink(missing_ok=True)
-        _write_synced(new, data)
-        os.chmod(new, path.stat().st_mode & 0o7777)  # the original's mode, not the umask's
-        os.replace(path, kept)
-        os.replace(new, path)
+        with replacing(path, tmp=new, previous=".orig", mode=path.stat().st_mode & 0o7777) as partial:
+            write_synced(partial, data.getbuffer())  # the original's mode, not the umask's
     except OSError as err:
-        _remove(new)
         if kept.exists() and not path.exists():
             os.replace(kept, path)
         raise UserError(f"{path}: could not write the upgraded checkpoint ({err.strerror or err}); "

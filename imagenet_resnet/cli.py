@@ -53,8 +53,9 @@ def command(module: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"python -m {module}", description=description, formatter_class=DefaultsShown)
 
 
-def parser(module: str, description: str,
-           config_help: str = "YAML recipe from configs/ (defaults apply where it is silent)") -> argparse.ArgumentParser:
+def parser(
+    module: str, description: str, config_help: str = "YAML recipe from configs/ (defaults apply where it is silent)"
+) -> argparse.ArgumentParser:
     """command() with `--config FILE` and `section.key=value` overrides."""
     p = command(module, description)
     p.add_argument("--config", help=config_help)

@@ -19,8 +19,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from timm.data.auto_augment import rand_augment_transform
 
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.files import write_atomic
+from imagenet_resnet.models import TIMM_EXTRAS_MODELS, list_models
 
 
 def _require(key: str, value: Any, ok: bool, expected: str) -> None:
@@ -54,6 +57,19 @@ def _folder_or_absent(key: str, value: str) -> None:
     _require(key, value, not Path(value).exists() or Path(value).is_dir(), "exists and is not a folder")
 
 
+def parse_rand_augment(config: str, hparams: dict):
+    """timm's RandAugment object for data.auto_augment=`config`, or a UserError naming the key: the
+    config is checked by building what the loaders will build."""
+    if not (config == "rand" or config.startswith("rand-")):
+        raise UserError(f"config key data.auto_augment={config!r}: expected timm's RandAugment string, "
+                        "e.g. rand-m9-mstd0.5-inc1 (sections m, n, p, mstd, mmax, inc)")
+    try:
+        return rand_augment_transform(config, dict(hparams))
+    except (AssertionError, ValueError, KeyError) as err:
+        raise UserError(f"config key data.auto_augment={config!r}: timm does not read it "
+                        f"({type(err).__name__}{': ' + str(err) if str(err) else ''})") from err
+
+
 @dataclass
 class ModelConfig:
     name: str = "cifar_resnet20"  # a name from imagenet_resnet.models.list_models()
@@ -68,8 +84,6 @@ class ModelConfig:
     blurpool: bool = False  # ffcv's BlurPool: a 3x3 binomial blur before each stride-2 conv with >= 16 input channels
 
     def __post_init__(self) -> None:
-        from imagenet_resnet.models import TIMM_EXTRAS_MODELS, list_models  # torch and timm: once a config loads
-
         _choice("model.name", self.name, tuple(list_models()))
         _number("model.ema_decay", self.ema_decay, 0, 1, high_open=True)
         _number("model.drop_path", self.drop_path, 0, 1, high_open=True)
@@ -126,30 +140,39 @@ class DataConfig:
         _require("data.root", self.root, bool(self.root), "must not be empty")
         _choice("data.download", self.download, ("auto", "never"))
         _number("data.batch_size", self.batch_size, 1)
+        _require("data.workers", self.workers, self.workers == "auto" or (self.workers.isdigit() and
+                 int(self.workers) <= 256), "expected auto or a whole number of workers in [0, 256]")
+        self._check_sizes()
+        self._check_augmentation()
+        self._check_for_dataset()
+
+    def _check_sizes(self) -> None:
         _number("data.image_size", self.image_size, 16, 2048)
-        _require("data.workers", self.workers, self.workers == "auto" or (self.workers.isdigit() and int(self.workers) <= 256),
-                 "expected auto or a whole number of workers in [0, 256]")
-        _number("data.crop_padding", self.crop_padding, 0, 64)
         _require("data.start_image_size", self.start_image_size,
                  self.start_image_size == 0 or 16 <= self.start_image_size <= self.image_size,
                  f"expected 0 (off) or a size in [16, data.image_size={self.image_size}]")
         ramp = self.resize_ramp_epochs
         _require("data.resize_ramp_epochs", ramp, len(ramp) == 2 and 0 <= ramp[0] <= ramp[1],
                  "expected [start, end] epochs with 0 <= start <= end")
-        _require("data.val_image_size", self.val_image_size, self.val_image_size == 0 or 16 <= self.val_image_size <= 2048,
+        _require("data.val_image_size", self.val_image_size,
+                 self.val_image_size == 0 or 16 <= self.val_image_size <= 2048,
                  "expected 0 (= data.image_size) or a size in [16, 2048]")
         _number("data.val_crop_fraction", self.val_crop_fraction, 0.1, 1)
+
+    def _check_augmentation(self) -> None:
+        _number("data.crop_padding", self.crop_padding, 0, 64)
         _number("data.mixup_alpha", self.mixup_alpha, 0)
         _number("data.cutmix_alpha", self.cutmix_alpha, 0)
-        _require("data.batch_size", self.batch_size, self.batch_size % 2 == 0 or not (self.mixup_alpha or self.cutmix_alpha),
-                 "Mixup/CutMix pair each image with another of the batch: expected an even number")
+        _require("data.batch_size", self.batch_size, self.batch_size % 2 == 0 or not (self.mixup_alpha or
+                 self.cutmix_alpha), "Mixup/CutMix pair each image with another of the batch: expected an even number")
         if self.auto_augment:
-            from imagenet_resnet.data.transforms import parse_timm  # timm, as models need it: once a config loads
-
-            parse_timm(self.auto_augment, {})
+            parse_rand_augment(self.auto_augment, {})
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
         _number("data.crop_min_area", self.crop_min_area, 0.01, 1)
         _number("data.repeated_augmentation", self.repeated_augmentation, 0, 16)
+
+    def _check_for_dataset(self) -> None:
+        """Keys of image-folder datasets stay at their defaults for the device-resident ones."""
         small = self.dataset in DEVICE_DATASETS
         for key, default in (("start_image_size", 0), ("val_image_size", 0), ("val_crop_fraction", 0.875),
                              ("auto_augment", ""), ("interpolation", "bilinear"), ("crop_min_area", 0.08),
@@ -157,9 +180,10 @@ class DataConfig:
             _require(f"data.{key}", getattr(self, key), not small or getattr(self, key) == default,
                      f"applies to data.dataset=imagenet or folder (the device loader of {self.dataset} "
                      f"keeps the images at their own size)")
-        _require("data.loader", self.loader, self.loader in (("auto", "device") if small else ("auto", "torchvision", "dali")),
-                 f"data.dataset={self.dataset} uses " + ("data.loader=device (or auto)" if small else
-                                                        "data.loader=torchvision or dali (or auto)"))
+        _require("data.loader", self.loader, self.loader in (("auto", "device") if small else
+                                                             ("auto", "torchvision", "dali")),
+                 f"data.dataset={self.dataset} uses "
+                 + ("data.loader=device (or auto)" if small else "data.loader=torchvision or dali (or auto)"))
 
 
 @dataclass
@@ -194,7 +218,9 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     epochs: int = 164  # He et al.: 64k iterations at batch 128 on 50k images
-    kind: str = "step"  # step | cosine | linear (to zero at the end: FFCV) | poly ((1 - progress)^poly_power: MLPerf LARS)
+    kind: str = (
+        "step"  # step | cosine | linear (to zero at the end: FFCV) | poly ((1 - progress)^poly_power: MLPerf LARS)
+    )
     poly_power: float = 2.0
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of the run
     gamma: float = 0.1  # step decay factor at each milestone
@@ -219,8 +245,12 @@ class ScheduleConfig:
                  f"warmup longer than the run (schedule.epochs={self.epochs})")
         _choice("schedule.warmup_kind", self.warmup_kind, ("linear", "constant"))
         _number("schedule.warmup_start_factor", self.warmup_start_factor, 0, 1)
-        _require("schedule.warmup_from_base_lr", self.warmup_from_base_lr,
-                 not (self.warmup_from_base_lr and self.warmup_start_factor), "set schedule.warmup_start_factor=0 with it")
+        _require(
+            "schedule.warmup_from_base_lr",
+            self.warmup_from_base_lr,
+            not (self.warmup_from_base_lr and self.warmup_start_factor),
+            "set schedule.warmup_start_factor=0 with it",
+        )
         _number("schedule.end_lr_factor", self.end_lr_factor, 0, 1, high_open=True)
         _require("schedule.end_lr_factor", self.end_lr_factor, not (self.end_lr_factor and self.kind == "step"),
                  "applies to schedule.kind cosine, linear or poly")
@@ -231,11 +261,15 @@ class RunConfig:
     out_dir: str = "runs/default"  # config.yaml, metrics.jsonl, checkpoints; the run's identity
     seed: int = 0  # offset by rank in each process
     device: str = "auto"  # auto (cuda if present) | cuda | cpu
-    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 (with a gradient scaler: V100, T4, RTX 20) | fp32
+    precision: str = (
+        "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp16 (with a gradient scaler: V100, T4, RTX 20) | fp32
+    )
     loss_scale: float = 65536.0  # fp16: the gradient scaler's starting scale (halved at each overflow, then grown)
     channels_last: bool = True  # NHWC activations on cuda (tensor cores); ignored on cpu
     compile: bool = False  # torch.compile the model
-    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs; pays off for small CIFAR nets) | max-autotune
+    compile_mode: str = (
+        "default"  # default | reduce-overhead (CUDA graphs; pays off for small CIFAR nets) | max-autotune
+    )
     resume: str = ""  # a checkpoint path; empty: continue from out_dir/last.pt if present
     checkpoint_every_steps: int = 0  # also save inside an epoch every N steps (0: epoch ends only)
     log_every_steps: int = 50  # step loss/lr to wandb and plain log lines
@@ -400,4 +434,4 @@ def flatten(sections: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    write_atomic(Path(path), OmegaConf.to_yaml(OmegaConf.structured(cfg)))

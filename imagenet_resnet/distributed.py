@@ -107,65 +107,12 @@ def laggards(dist: DistInfo) -> str:
     others = [(mark >= own, f"rank {rank} at {where}, {time.time() - at:.0f} s ago")
               for rank, (mark, where, at) in sorted(marks.items()) if rank != dist.rank]
     behind = [text for level, text in others if not level]
-    silent = [f"rank {rank} (no report yet)" for rank in range(dist.world_size) if rank not in marks and rank != dist.rank]
+    silent = [
+        f"rank {rank} (no report yet)" for rank in range(dist.world_size) if rank not in marks and rank != dist.rank
+    ]
     if behind or silent:
         return "behind this rank: " + ", ".join(behind + silent)
     return "no rank is behind this one's last report; the others last reported: " + ", ".join(t for _, t in others)
-
-
-class GradientWait:
-    """How long this rank waits for the others in DDP's gradient all-reduce, summed over steps: from
-    the moment its own last gradient is ready (a post-accumulate-grad hook on every trainable
-    parameter) until backward returns, which under DDP is once every rank's gradients are summed.
-
-    The rank that waits least is the one the others wait for: its step time minus this wait is the
-    time it needs on its own, which is what tells a slow node from a fast one (with DDP's per-step
-    synchronisation, every rank's wall time per step is the same). The hooks run on the thread that
-    called backward, in Python: a hook of DDP's communication instead runs its Python callbacks on
-    the backend's threads, and a DataLoader worker forked meanwhile can inherit a held interpreter
-    lock and hang (seen with Python 3.11). On CUDA the two moments are CUDA events, read per epoch.
-
-        waits = GradientWait(net, device)       # before DDP wraps net
-        loss.backward(); waits.step_done()      # after the backward that synchronises
-        waits.take()                            # seconds since the last take
-    """
-
-    def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.ready: Any = None  # this step's last gradient: a host time, or a CUDA event re-recorded
-        self.seconds = 0.0
-        self.events: list[tuple[Any, Any]] = []
-        for param in net.parameters():
-            if param.requires_grad:
-                param.register_post_accumulate_grad_hook(self._gradient_ready)
-
-    def _gradient_ready(self, param: torch.Tensor) -> None:
-        if self.cuda:
-            if self.ready is None:
-                self.ready = torch.cuda.Event(enable_timing=True)
-            self.ready.record()
-        else:
-            self.ready = time.perf_counter()
-
-    def step_done(self) -> None:
-        if self.ready is None:
-            return
-        if self.cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self.events.append((self.ready, end))
-        else:
-            self.seconds += time.perf_counter() - self.ready
-        self.ready = None
-
-    def take(self) -> float:
-        """Seconds waited since the last call (synchronising with the GPU on CUDA)."""
-        if self.events:
-            self.events[-1][1].synchronize()
-            self.seconds += sum(start.elapsed_time(end) for start, end in self.events) / 1000
-            self.events.clear()
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -224,11 +171,6 @@ def main_only(fn: Callable[[], T]) -> T | None:
             raise error
         raise SystemExit(2)
     return result
-
-
-def barrier() -> None:
-    if torch_dist.is_initialized():
-        torch_dist.barrier()
 
 
 def shutdown() -> None:

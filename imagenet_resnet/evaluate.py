@@ -28,19 +28,43 @@ from pathlib import Path
 
 import torch
 
-from imagenet_resnet.checkpoint import load_file, unwrap
+from imagenet_resnet.checkpoint import WEIGHTS, load_checkpoint
 from imagenet_resnet.cli import existing_file, parser, run_main
 from imagenet_resnet.config import Config, config_to_dict, load_config
-from imagenet_resnet.data import build_loaders, loader_workers
-from imagenet_resnet.data.datasets import check_prepared
+from imagenet_resnet.data import build_loaders
+from imagenet_resnet.data.datasets import check_prepared, normalization
+from imagenet_resnet.data.loader import loader_workers
 from imagenet_resnet.distributed import DistInfo, init_distributed, pick_device, shutdown
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.inference import WEIGHTS, weights_of
-from imagenet_resnet.trainer import amp_dtype, build_network, evaluate
+from imagenet_resnet.evaluation import evaluate
+from imagenet_resnet.network import amp_dtype, build_network, load_weights
+from imagenet_resnet.published import Published, diagnosis, is_source, load_published, output_index, published_batches
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = parser(__spec__.name, "Evaluate a checkpoint, or published weights (--pretrained): top-1/top-5 over every val image once.",
+    p = _parser()
+    args = p.parse_args(argv)
+    if (args.checkpoint is None) == (args.pretrained is None):
+        p.error("give --checkpoint FILE or --pretrained SOURCE")
+    if args.check and not args.pretrained:
+        p.error("--check needs --pretrained SOURCE")
+    if not args.pretrained:
+        evaluate_checkpoint(args.checkpoint, args.weights, args.config, args.overrides)
+        return
+    if not is_source(args.pretrained) and not args.arch:
+        p.error(f"--pretrained {args.pretrained}: not a SOURCE name (torchvision:..., timm:...); "
+                f"a weights file needs --arch SOURCE")
+    try:
+        weights_file = None if is_source(args.pretrained) else existing_file(args.pretrained)
+    except argparse.ArgumentTypeError as err:
+        p.error(f"--pretrained {err}")
+    cfg = load_config(args.config, ["data.dataset=imagenet", *args.overrides])
+    evaluate_pretrained(args.arch or args.pretrained, cfg, args.check, weights_file)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = parser(__spec__.name,
+               "Evaluate a checkpoint, or published weights (--pretrained): top-1/top-5 over every val image once.",
                config_help="YAML recipe to use instead of the checkpoint's own config (default: the checkpoint's)")
     p.add_argument("--checkpoint", type=existing_file, help="a last.pt or best.pt written by training")
     p.add_argument("--weights", choices=tuple(WEIGHTS), help="model or ema (default: those that scored best)")
@@ -50,42 +74,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", metavar="SOURCE", help="with --pretrained FILE: the SOURCE whose network, transform and "
                                                     "published figures the file's weights go with")
     p.add_argument("--check", action="store_true",
-                   help="with --pretrained: PASS within 0.1 of the published top-1 over 50,000 images, else a diagnosis and exit 1")
-    args = p.parse_args(argv)
-    if (args.checkpoint is None) == (args.pretrained is None):
-        p.error("give --checkpoint FILE or --pretrained SOURCE")
-    if args.check and not args.pretrained:
-        p.error("--check needs --pretrained SOURCE")
-    if args.pretrained:
-        from imagenet_resnet.pretrained import is_source
+                   help="with --pretrained: PASS within 0.1 of the published top-1 over 50,000 images, "
+                        "else a diagnosis and exit 1")
+    return p
 
-        if not is_source(args.pretrained) and not args.arch:
-            p.error(f"--pretrained {args.pretrained}: not a SOURCE name (torchvision:..., timm:...); "
-                    f"a weights file needs --arch SOURCE")
-        try:
-            weights_file = None if is_source(args.pretrained) else existing_file(args.pretrained)
-        except argparse.ArgumentTypeError as err:
-            p.error(f"--pretrained {err}")
-        evaluate_pretrained(args.arch or args.pretrained, load_config(args.config, ["data.dataset=imagenet", *args.overrides]),
-                            args.check, weights_file)
-        return
-    cfg = load_config(args.config, args.overrides) if args.config else None  # a bad key: named before anything loads
-    state = load_file(args.checkpoint)
-    cfg = cfg or load_config(None, args.overrides, state["config"], str(args.checkpoint))
+
+def evaluate_checkpoint(path: Path, weights: str | None, recipe: str | None, overrides: list[str]) -> None:
+    """A checkpoint on the val set, with its own config (or `recipe`) and `overrides`; one JSON line."""
+    cfg = load_config(recipe, overrides) if recipe else None  # a bad key: named before anything loads
+    saved = load_checkpoint(path)
+    cfg = cfg or load_config(None, overrides, saved.config, str(path))
     dist = init_distributed(cfg.run.device)
     try:
         dtype = amp_dtype(cfg, dist.device)
         _, val_loader, num_classes = build_loaders(cfg, dist, dtype or torch.float32)
-        net = build_network(cfg, num_classes, dist)
-        weights = args.weights or state.get("best_weights", "model")
-        try:
-            unwrap(net).load_state_dict(weights_of(state, weights, args.checkpoint))
-        except RuntimeError as err:
-            raise UserError(f"{args.checkpoint}: does not fit model {cfg.model.name} with {num_classes} classes: {err}") from err
+        net = build_network(cfg, num_classes, dist.device, dist.is_distributed)
+        weights = weights or saved.best_weights
+        load_weights(net, saved.weights(weights, path), path, cfg.model.name, num_classes)
         result = evaluate(net, val_loader, dtype, dist.device, cfg.data.val_flip_tta)
         if dist.is_main:
-            print(json.dumps({"weights": weights, **{k: result[k] for k in ("val_top1", "val_top5", "val_images",
-                                                                             "val_loss")}}), flush=True)
+            keys = ("val_top1", "val_top5", "val_images", "val_loss")
+            print(json.dumps({"weights": weights, **{k: result[k] for k in keys}}), flush=True)
     finally:
         shutdown()
 
@@ -93,8 +102,6 @@ def main(argv: list[str] | None = None) -> None:
 def evaluate_pretrained(source: str, cfg: Config, check: bool, weights_file: Path | None = None) -> None:
     """Published weights on cfg.data.root with their own transform (torchvision's PIL pipeline), or
     through this project's DALI val pipeline at the same sizes with data.loader=dali."""
-    from imagenet_resnet.pretrained import diagnosis, load_published, output_index, published_batches
-
     root, device = Path(cfg.data.root), pick_device(cfg.run.device)
     check_prepared(root)
     published = load_published(source, weights_file=weights_file)
@@ -111,13 +118,19 @@ def evaluate_pretrained(source: str, cfg: Config, check: bool, weights_file: Pat
           f"{published.top5 or 'not known here'})", flush=True)
     verdict = None
     if check and published.top1 is None:
-        raise UserError(f"--check {source}: no published figure to check against; use torchvision:resnet50.IMAGENET1K_V1")
+        raise UserError(
+            f"--check {source}: no published figure to check against; use torchvision:resnet50.IMAGENET1K_V1"
+        )
     if check:
         verdict = diagnosis(result["val_top1"], result["val_images"], published.top1, len(output_index(root)))
         try:
             dali = dali_published(published, cfg, device)
-            print(f"DALI loader at the same sizes: top-1 {dali['val_top1']:.3f} ({dali['val_top1'] - result['val_top1']:+.3f} "
-                  f"against the torchvision loader: what DALI's resize costs in evaluation)", flush=True)
+            print(
+                f"DALI loader at the same sizes: top-1 {dali['val_top1']:.3f} "
+                f"({dali['val_top1'] - result['val_top1']:+.3f} "
+                f"against the torchvision loader: what DALI's resize costs in evaluation)",
+                flush=True,
+            )
         except UserError as err:  # DALI not installed: the torchvision figure is the check
             print(f"DALI loader: not evaluated ({err})", flush=True)
         print(f"FAIL: {verdict}" if verdict else f"PASS: top-1 within 0.1 of the published {published.top1} over "
@@ -128,11 +141,8 @@ def evaluate_pretrained(source: str, cfg: Config, check: bool, weights_file: Pat
         raise SystemExit(1)
 
 
-def dali_published(published, cfg: Config, device: torch.device) -> dict[str, float]:
+def dali_published(published: Published, cfg: Config, device: torch.device) -> dict[str, float]:
     """The weights through this project's DALI val pipeline, resized and cropped as their transform does."""
-    from imagenet_resnet.data.datasets import normalization
-    from imagenet_resnet.pretrained import output_index
-
     if published.interpolation not in ("bilinear", "bicubic") or not all(
             abs(a - b) < 1e-3 for a, b in zip(published.mean + published.std, sum(normalization("imagenet"), ()))):
         raise UserError(f"{published.source}: its transform ({published.interpolation}, mean {published.mean}) has no "

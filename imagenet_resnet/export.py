@@ -22,19 +22,19 @@ centre crop, normalised by the mean/std in the printed summary.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from imagenet_resnet.checkpoint import WEIGHTS
 from imagenet_resnet.cli import command, existing_file, run_main
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.inference import WEIGHTS, Trained, load_trained
+from imagenet_resnet.files import replacing
+from imagenet_resnet.inference import Trained, load_trained
 
 ONNX_TOLERANCE = 1e-4  # max |logit difference| from PyTorch, as a fraction of the largest |logit|
 
@@ -100,37 +100,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", required=True, type=existing_file, help="a best.pt or last.pt written by training")
     p.add_argument("--format", required=True, choices=tuple(EXPORTERS), help="the file format to write")
     p.add_argument("--out", required=True, type=Path, help="the file to write")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), default="model", help="ema: the averaged weights, if trained with them")
+    p.add_argument(
+        "--weights", choices=tuple(WEIGHTS), default="model", help="ema: the averaged weights, if trained with them"
+    )
     args = p.parse_args(argv)
     mode = output_mode(args.out, args.checkpoint)
     trained = load_trained(args.checkpoint, args.weights)
     example = torch.zeros(1, trained.channels, trained.size, trained.size)
     # Written beside --out under a new name, then renamed: a failed export leaves no file that looks finished.
-    tmp = None
+    partial_name = args.out.with_name(f".{args.out.name}.partial")
     try:
-        fd, name = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.", suffix=".partial")
-        os.close(fd)
-        tmp = Path(name)
-        with torch.no_grad():
-            EXPORTERS[args.format](trained, example, tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, args.out)
+        with replacing(args.out, tmp=partial_name, mode=mode) as partial, torch.no_grad():
+            EXPORTERS[args.format](trained, example, partial)
     except OSError as err:
         raise UserError(f"--out {args.out}: could not write ({err.strerror or err})") from err
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-    print(f"wrote {args.out}: {trained.cfg.model.name} ({trained.weights} weights), {len(trained.names)} classes, "
-          f"input {trained.channels}x{trained.size}x{trained.size} normalised with mean {trained.mean} std {trained.std}; "
-          f"the same network as {trained.loads_into}", flush=True)
+    print(
+        f"wrote {args.out}: {trained.cfg.model.name} ({trained.weights} weights), {len(trained.names)} classes, "
+        f"input {trained.channels}x{trained.size}x{trained.size} normalised with mean {trained.mean} "
+        f"std {trained.std}; "
+        f"the same network as {trained.loads_into}",
+        flush=True,
+    )
 
 
 def output_mode(out: Path, checkpoint: Path) -> int:
     """The mode to give the exported file; UserError unless `out` is a new name in an existing
     folder, or an existing regular file that may be written and is not the checkpoint."""
     if out.is_symlink():
-        raise UserError(f"--out {out}: is a symbolic link; give the file's own path (export does not write through links)")
+        raise UserError(
+            f"--out {out}: is a symbolic link; give the file's own path (export does not write through links)"
+        )
     if not out.exists():
         if not out.parent.is_dir():
             raise UserError(f"--out {out}: folder {out.parent} does not exist")

@@ -18,13 +18,14 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from imagenet_resnet.checkpoint import load_file
+from imagenet_resnet.checkpoint import load_checkpoint
 from imagenet_resnet.config import Config, config_from_dict
-from imagenet_resnet.data import Normalizer, class_names, input_channels, normalization, val_transform
+from imagenet_resnet.data.datasets import class_names, normalization
+from imagenet_resnet.data.loader import Normalizer
+from imagenet_resnet.data.transforms import val_transform
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.models import build_model, library_constructor
-
-WEIGHTS = {"model": "model", "ema": "model_ema"}  # --weights choice -> checkpoint key
+from imagenet_resnet.models import library_constructor
+from imagenet_resnet.network import build_network, load_weights
 
 
 @dataclass
@@ -59,26 +60,14 @@ class Trained:
         return Normalizer.create(self.mean, self.std, device, torch.float32, channels_last=False)(batch)
 
 
-def weights_of(state: dict, weights: str, path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's model or EMA state_dict; UserError if it has no EMA."""
-    if WEIGHTS[weights] not in state:
-        raise UserError(f"{path}: holds no EMA weights (trained with model.ema_decay=0); use --weights model")
-    return state[WEIGHTS[weights]]
-
-
 def load_trained(path: Path, weights: str = "model") -> Trained:
     """The network of a checkpoint written by training, with its model or EMA weights."""
-    state = load_file(path)
-    cfg = config_from_dict(state["config"], str(path))
-    num_classes = state["num_classes"]
-    net = build_model(cfg.model.name, num_classes, in_chans=input_channels(cfg.data.dataset),
-                      drop_path=cfg.model.drop_path, blurpool=cfg.model.blurpool)
-    try:
-        net.load_state_dict(weights_of(state, weights, path))
-    except RuntimeError as err:
-        raise UserError(f"{path}: its weights do not fit {cfg.model.name} with {num_classes} classes "
-                        f"({str(err).splitlines()[0]})") from err
-    names = state.get("class_names") or []
+    saved = load_checkpoint(path)
+    cfg = config_from_dict(saved.config, str(path))
+    num_classes = saved.num_classes
+    net = build_network(cfg, num_classes, torch.device("cpu"))
+    load_weights(net, saved.weights(weights, path), path, cfg.model.name, num_classes)
+    names = saved.class_names
     if len(names) != num_classes:  # a checkpoint from before names were saved: ask the data, if still there
         try:
             names = class_names(cfg)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.files import write_atomic, write_synced
 
 LEASE = "lease.json"
 
@@ -108,14 +109,13 @@ class Lease:
             return None, None
         return raw, parse_record(raw)
 
-    def _write_tmp(self) -> Path:
-        tmp = self.path.with_name(f".{LEASE}.{self.record['token']}.tmp")
-        tmp.write_text(json.dumps(self.record))
-        return tmp
+    def _tmp(self) -> Path:
+        return self.path.with_name(f".{LEASE}.{self.record['token']}.tmp")
 
     def _create(self) -> bool:
         """Create the lease file with our record, complete, if none exists (link is atomic, also on NFS)."""
-        tmp = self._write_tmp()
+        tmp = self._tmp()
+        write_synced(tmp, json.dumps(self.record))
         try:
             os.link(tmp, self.path)
             return True
@@ -132,17 +132,13 @@ class Lease:
         """O_CREAT|O_EXCL is atomic too, but a reader may see the file empty for a moment: that
         reads as no record, and the file changes well within the timeout, so the reader waits."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            write_synced(self.path, json.dumps(self.record), 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.record))
-            f.flush()
-            os.fsync(f.fileno())
         return True
 
     def _replace(self) -> None:
-        os.replace(self._write_tmp(), self.path)
+        write_atomic(self.path, json.dumps(self.record), tmp=self._tmp())
 
     # --- taking and keeping it --------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import torch
 
 from imagenet_resnet.config import Config, config_to_dict
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.files import write_atomic
 
 METRICS = "metrics.jsonl"
 WANDB_ID = "wandb_run_id.txt"
@@ -84,9 +85,7 @@ class RunLog:
     def __init__(self, cfg: Config, out_dir: Path, start_epoch: int, resumed: bool) -> None:
         self.path = out_dir / METRICS
         kept = [r for r in read_metrics(out_dir) if r["epoch"] < start_epoch] if resumed else []
-        tmp = self.path.with_name(METRICS + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.wandb = self._start_wandb(cfg, out_dir, resumed)
 
     @staticmethod

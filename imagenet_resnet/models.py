@@ -48,7 +48,9 @@ def build_model(name: str, num_classes: int, zero_init_residual: bool = True, in
     if name not in _REGISTRY:
         raise UserError(f"config key model.name={name!r}: unknown model; known: {', '.join(list_models())}")
     if (drop_path or blurpool) and name not in TIMM_EXTRAS_MODELS:
-        raise UserError(f"model.name={name}: no stochastic depth or BlurPool; models with them: {', '.join(TIMM_EXTRAS_MODELS)}")
+        raise UserError(
+            f"model.name={name}: no stochastic depth or BlurPool; models with them: {', '.join(TIMM_EXTRAS_MODELS)}"
+        )
     extras = {"drop_path": drop_path} if drop_path else {}
     model = _REGISTRY[name](num_classes=num_classes, zero_init_residual=zero_init_residual, in_chans=in_chans, **extras)
     return apply_blurpool(model) if blurpool else model
@@ -143,8 +145,12 @@ class CifarResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.layer1 = nn.Sequential(*(CifarBasicBlock(16, 16, 1, se) for _ in range(n)))
-        self.layer2 = nn.Sequential(CifarBasicBlock(16, 32, 2, se), *(CifarBasicBlock(32, 32, 1, se) for _ in range(n - 1)))
-        self.layer3 = nn.Sequential(CifarBasicBlock(32, 64, 2, se), *(CifarBasicBlock(64, 64, 1, se) for _ in range(n - 1)))
+        self.layer2 = nn.Sequential(
+            CifarBasicBlock(16, 32, 2, se), *(CifarBasicBlock(32, 32, 1, se) for _ in range(n - 1))
+        )
+        self.layer3 = nn.Sequential(
+            CifarBasicBlock(32, 64, 2, se), *(CifarBasicBlock(64, 64, 1, se) for _ in range(n - 1))
+        )
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

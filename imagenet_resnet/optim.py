@@ -4,7 +4,7 @@ loss, the linear scaling rule, and warmup + step/cosine/linear/poly decay.
 The schedule is a pure function of the global step, so resuming needs nothing but the step.
 
     lr = scaled_lr(0.1, global_batch=1024)                 # 0.4
-    opt = build_optimizer(model, cfg.optim, lr)   # (..., pretrained=names) for fine-tuning
+    opt = build_optimizer(model, cfg.optim, lr)   # (..., init_tensors=names) for fine-tuning
     criterion = build_loss(cfg.optim, soft_targets=False)
     sched = Schedule.from_config(cfg.schedule, steps_per_epoch=5005, global_batch=256)
     set_lr(opt, lr * sched.factor(step))
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imagenet_resnet.config import OptimConfig, ScheduleConfig
+from imagenet_resnet.config import Config, OptimConfig, ScheduleConfig
+from imagenet_resnet.errors import UserError
 
 # Norm layers are matched by module type: a name test like `'bn' in name` misses e.g. torchvision's
 # downsample.1 BatchNorm and timm's renamed layers.
@@ -30,11 +31,12 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def param_groups(model: nn.Module, weight_decay: float, pretrained: set[str] = frozenset(),
+def param_groups(model: nn.Module, weight_decay: float, init_tensors: set[str] = frozenset(),
                  pretrained_lr_scale: float = 1.0) -> list[dict]:
-    """Decayed weights apart from norm-layer parameters and biases; pretrained ones at a scaled lr.
+    """Decayed weights apart from norm-layer parameters and biases; loaded ones at a scaled lr.
 
-    `pretrained` names parameters (as in model.named_parameters()) that get lr x pretrained_lr_scale.
+    `init_tensors` names the parameters model.init_from loaded (as in model.named_parameters()):
+    they get lr x optim.pretrained_lr_scale.
     Frozen parameters (requires_grad False) are left out. Empty groups are dropped.
     """
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -43,7 +45,7 @@ def param_groups(model: nn.Module, weight_decay: float, pretrained: set[str] = f
             if not param.requires_grad:
                 continue
             no_decay = isinstance(module, NORM_TYPES) or param is getattr(module, "bias", None)
-            loaded = f"{module_name}.{name}".lstrip(".") in pretrained
+            loaded = f"{module_name}.{name}".lstrip(".") in init_tensors
             groups.setdefault((no_decay, loaded), []).append(param)
     return [{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
              "lr_scale": pretrained_lr_scale if loaded else 1.0}
@@ -51,11 +53,11 @@ def param_groups(model: nn.Module, weight_decay: float, pretrained: set[str] = f
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float,
-                    pretrained: set[str] = frozenset()) -> torch.optim.Optimizer:
+                    init_tensors: set[str] = frozenset()) -> torch.optim.Optimizer:
     """optim.name's optimizer. LARS and LAMB adapt only the groups with weight decay (timm's
     always_adapt=False): norm layers and biases get neither decay nor a trust ratio, as in
     MLPerf's LARS reference and RSB's LAMB."""
-    groups = param_groups(model, cfg.weight_decay, pretrained, cfg.pretrained_lr_scale)
+    groups = param_groups(model, cfg.weight_decay, init_tensors, cfg.pretrained_lr_scale)
     if cfg.name == "lars":
         from timm.optim import Lars
 
@@ -149,3 +151,23 @@ class Schedule:
             return end + (1 - end) * (1 - progress) ** self.poly_power
         passed = sum(step >= round(m * self.total_steps) for m in self.milestones)
         return self.gamma**passed
+
+
+def optimizer_steps(cfg: Config, batches_per_epoch: int, processes: int, accumulation: int, train_images: int) -> int:
+    """Optimizer steps per epoch; UserError if the global batch leaves not one full step."""
+    steps = batches_per_epoch // accumulation
+    if steps < 1:
+        raise UserError(f"config key data.batch_size={cfg.data.batch_size}: x {processes} processes x {accumulation} "
+                        f"accumulation steps is more than the {train_images} training images: no full step per epoch")
+    return steps
+
+
+def plan_text(cfg: Config, processes: int, accumulation: int, steps_per_epoch: int) -> str:
+    """Global batch, lr by the linear rule, and the schedule's steps: what a run will do."""
+    global_batch = cfg.data.batch_size * processes * accumulation
+    schedule = Schedule.from_config(cfg.schedule, steps_per_epoch, global_batch)
+    return (f"global batch {global_batch} = {cfg.data.batch_size} x {processes} process(es)"
+            + (f" x {accumulation} accumulation" if accumulation > 1 else "")
+            + f"; lr {scaled_lr(cfg.optim.base_lr, global_batch):g} = base_lr {cfg.optim.base_lr:g} x "
+            f"{global_batch}/256; warmup {schedule.warmup_steps} steps ({cfg.schedule.warmup_epochs:g} epochs); "
+            f"{steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {schedule.total_steps} steps")

@@ -12,12 +12,19 @@ from imagenet_resnet.cli import command, run_main
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.metrics import read_metrics
 
-
 # Per panel: (metrics key, label, line style). One colour per run, one line style per series,
 # so several runs overlaid can still be told apart; EMA series appear when the run has them.
 PANELS = {
-    ("loss", "cross-entropy"): [("train_loss", "train", "-"), ("val_loss", "val", "--"), ("val_loss_ema", "val EMA", ":")],
-    ("val accuracy", "%"): [("val_top1", "top-1", "-"), ("val_top5", "top-5", "--"), ("val_top1_ema", "top-1 EMA", ":")],
+    ("loss", "cross-entropy"): [
+        ("train_loss", "train", "-"),
+        ("val_loss", "val", "--"),
+        ("val_loss_ema", "val EMA", ":"),
+    ],
+    ("val accuracy", "%"): [
+        ("val_top1", "top-1", "-"),
+        ("val_top5", "top-5", "--"),
+        ("val_top1_ema", "top-1 EMA", ":"),
+    ],
     ("learning rate (end of epoch)", "lr"): [("lr", "lr", "-")],
 }
 
@@ -60,7 +67,10 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 
 
 def summary_table(run_dirs: list[Path]) -> str:
-    rows = ["| run | epochs | images/s | data wait | val top-1 | val top-5 | val images |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| run | epochs | images/s | data wait | val top-1 | val top-5 | val images |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for run in run_dirs:
         records = read_metrics(run)
         last = records[-1]

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from imagenet_resnet.checkpoint import WEIGHTS
 from imagenet_resnet.cli import command, existing_file, positive_int, run_main
-from imagenet_resnet.data import decode_error_text, read_image, val_resize_side
+from imagenet_resnet.data.datasets import decode_error_text, read_image
+from imagenet_resnet.data.transforms import val_resize_side
 from imagenet_resnet.distributed import pick_device
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.inference import WEIGHTS, load_trained
+from imagenet_resnet.inference import load_trained
 
 MAX_PIXELS = 64_000_000  # default --max-pixels: 8000 x 8000, about 200 MB decoded as RGB
 
@@ -57,8 +60,6 @@ def shown(path: Path) -> str:
 def load_image(path: Path, channels: int, min_side: int, max_pixels: int) -> torch.Tensor:
     """uint8 CHW. A JPEG at least twice as large as needed is decoded at 1/2, 1/4 or 1/8 scale,
     keeping its shorter side >= min_side; UserError for what does not decode or is too large."""
-    from PIL import Image
-
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
@@ -75,7 +76,9 @@ def load_image(path: Path, channels: int, min_side: int, max_pixels: int) -> tor
                 return torch.from_numpy(pixels.copy()).view(*pixels.shape[:2], channels).permute(2, 0, 1)
         return read_image(path, channels, data)
     except (RuntimeError, OSError, SyntaxError, ValueError) as err:  # PIL and torchvision's ways of saying no
-        reason = decode_error_text(err) if isinstance(err, RuntimeError) else (getattr(err, "strerror", None) or str(err))
+        reason = (
+            decode_error_text(err) if isinstance(err, RuntimeError) else (getattr(err, "strerror", None) or str(err))
+        )
         raise UserError(f"{shown(path)}: not an image this tool can read ({reason})") from err
 
 
@@ -89,10 +92,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
                    help="refuse an image larger than this many pixels after reduced-size JPEG decoding")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU when there is one")
-    p.add_argument("--weights", choices=tuple(WEIGHTS), default="model", help="ema: the averaged weights, if trained with them")
+    p.add_argument(
+        "--weights", choices=tuple(WEIGHTS), default="model", help="ema: the averaged weights, if trained with them"
+    )
     args = p.parse_args(argv)
-    from PIL import Image
-
     files = find_images(args.inputs)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is visible")
@@ -110,12 +113,15 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             probabilities, labels = net(batch).float().softmax(dim=1).topk(top, dim=1)
         for path, probs, labs in zip(chunk, probabilities.tolist(), labels.tolist()):
-            if args.json:
-                print(json.dumps({"file": shown(path), "top": [{"label": label, "name": trained.names[label],
-                                  "probability": prob} for prob, label in zip(probs, labs)]}), flush=True)
-            else:
-                print(f"{shown(path)}: " + ", ".join(f"{trained.names[label]} {prob:.1%}" for prob, label in zip(probs, labs)),
-                      flush=True)
+            print(answer(shown(path), trained.names, probs, labs, args.json), flush=True)
+
+
+def answer(name: str, names: list[str], probs: list[float], labels: list[int], as_json: bool) -> str:
+    """One image's line: its top classes with their probabilities, as text or one JSON object."""
+    if as_json:
+        return json.dumps({"file": name, "top": [{"label": label, "name": names[label], "probability": prob}
+                                                  for prob, label in zip(probs, labels)]})
+    return f"{name}: " + ", ".join(f"{names[label]} {prob:.1%}" for prob, label in zip(probs, labels))
 
 
 if __name__ == "__main__":

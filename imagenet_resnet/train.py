@@ -3,21 +3,28 @@
     python -m imagenet_resnet.train --config configs/cifar10_resnet56.yaml data.root=data
     torchrun --standalone --nproc_per_node=8 -m imagenet_resnet.train \\
         --config configs/imagenet_resnet50.yaml data.root=/data/imagenet run.out_dir=runs/rn50
-    python -m imagenet_resnet.train --check-config --nproc 8 --config configs/imagenet_resnet50.yaml data.root=/data/imagenet
+    python -m imagenet_resnet.train --check-config --nproc 8 --config configs/imagenet_resnet50.yaml \\
+        data.root=/data/imagenet
     # config OK: model resnet50, data.dataset=imagenet (1281167 train / 50000 val images), run.out_dir=runs/default
     # plan: global batch 1024 = 128 x 8 process(es); lr 0.4 = base_lr 0.1 x 1024/256; warmup 6255 steps ...
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Any
 
+from imagenet_resnet.checkpoint import Position
 from imagenet_resnet.cli import parse, parser, positive_int, run_main
 from imagenet_resnet.config import Config
 from imagenet_resnet.data import count_images
+from imagenet_resnet.distributed import collective_timed_out, init_distributed, laggards, main_only, shutdown
+from imagenet_resnet.errors import UserError
 from imagenet_resnet.lease import hold_lease
-from imagenet_resnet.trainer import optimizer_steps, plan_text, run_training
+from imagenet_resnet.optim import optimizer_steps, plan_text
+from imagenet_resnet.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,6 +57,32 @@ def check(cfg: Config, processes: int, folder: bool) -> None:
     print(f"config OK: model {cfg.model.name}, data.dataset={cfg.data.dataset} ({train_images} train / {val_images} "
           f"val images), run.out_dir={cfg.run.out_dir}")
     print(f"plan: {plan_text(cfg, processes, accumulation, steps_per_epoch)}", flush=True)
+
+
+def run_training(cfg: Config) -> list[dict[str, Any]]:
+    """Train to cfg.schedule.epochs (continuing a previous run in cfg.run.out_dir); per-epoch records.
+
+    A collective that times out (another rank hung) ends this rank with one line saying where, and
+    which ranks had not got there; torchrun then restarts the group, which resumes from last.pt.
+    """
+    dist = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
+    trainer = None
+    try:
+        with contextlib.ExitStack() as held:
+            lease = main_only(lambda: held.enter_context(hold_lease(Path(cfg.run.out_dir), cfg.run.lease_timeout_s)))
+            trainer = Trainer(cfg, dist, lease)
+            return trainer.fit()
+    except RuntimeError as err:
+        if not collective_timed_out(err):
+            raise
+        pos = trainer.position if trainer else Position()
+        where = f"epoch {pos.epoch} step {pos.step_in_epoch}" if trainer else "start-up"
+        raise UserError(
+            f"rank {dist.rank}: a collective timed out after {cfg.run.collective_timeout_s:g} s "
+            f"(run.collective_timeout_s) at {where}; {laggards(dist)}. "
+            f"Under torchrun's --max-restarts the group restarts and resumes from the newest checkpoint") from None
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from conftest import run_module
 
 
 def test_bench_quick_writes_json_and_markdown_with_conditions(tmp_path):
-    run_module("imagenet_resnet.bench", "--out", str(tmp_path), "--quick", "--only", "model,prep")
+    run_module("benchmarks.bench", "--out", str(tmp_path), "--quick", "--only", "model,prep")
     results = json.loads((tmp_path / "results.json").read_text())
     env = results["environment"]
     assert {"device", "torch", "torchvision", "dali", "date", "command"} <= env.keys()

@@ -19,7 +19,12 @@ def test_every_recipe_loads_and_cites_a_source(path: Path):
 def test_overrides_are_typed_and_dotted():
     cfg = load_config(REPO / "configs/cifar10_resnet20.yaml", ["schedule.epochs=3", "optim.base_lr=0.5",
                                                                "schedule.milestones=[0.3,0.9]", "run.compile=true"])
-    assert (cfg.schedule.epochs, cfg.optim.base_lr, cfg.schedule.milestones, cfg.run.compile) == (3, 0.5, [0.3, 0.9], True)
+    assert (cfg.schedule.epochs, cfg.optim.base_lr, cfg.schedule.milestones, cfg.run.compile) == (
+        3,
+        0.5,
+        [0.3, 0.9],
+        True,
+    )
     assert isinstance(cfg, Config) and cfg.data.batch_size == 128
 
 
@@ -55,7 +60,9 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_cli_rejects_bad_input_with_a_message_not_a_traceback():
-    proc = run_module("imagenet_resnet.train", "--config", "configs/cifar10_resnet20.yaml", "data.bach_size=1", check=False)
+    proc = run_module(
+        "imagenet_resnet.train", "--config", "configs/cifar10_resnet20.yaml", "data.bach_size=1", check=False
+    )
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "data.bach_size" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_module("imagenet_resnet.train", "--config", "configs/nope.yaml", check=False)
@@ -250,16 +257,27 @@ def test_out_dir_that_is_a_file_in_a_real_process(tmp_path):
 # Bad command-line flags of the other tools: (module, args, what the one error must name). argparse's
 # own refusals print a usage line first; either way exit 2, the flag named, no traceback.
 BAD_FLAGS = [
-    ("imagenet_resnet.evaluate", ["--config", "configs/cifar10_resnet20.yaml", "--checkpoint", "{tmp}/none.pt"], "--checkpoint"),
-    ("imagenet_resnet.evaluate", ["--config", "configs/cifar10_resnet20.yaml", "--checkpoint", "{tmp}/x.pt",
-                                  "optim.base_lr=0"], "optim.base_lr"),
+    (
+        "imagenet_resnet.evaluate",
+        ["--config", "configs/cifar10_resnet20.yaml", "--checkpoint", "{tmp}/none.pt"],
+        "--checkpoint",
+    ),
+    (
+        "imagenet_resnet.evaluate",
+        ["--config", "configs/cifar10_resnet20.yaml", "--checkpoint", "{tmp}/x.pt", "optim.base_lr=0"],
+        "optim.base_lr",
+    ),
     ("imagenet_resnet.plot", ["{tmp}/x.pt"], "not a run folder"),
     ("imagenet_resnet.plot", ["{tmp}", "--out", "{tmp}/curves.txt"], "--out"),
     ("imagenet_resnet.plot", ["{tmp}", "--out", "{tmp}/missing/curves.png"], "--out"),
-    ("imagenet_resnet.bench", ["--only", "gpu-burn"], "gpu-burn"),
-    ("imagenet_resnet.bench", ["--models", "resnet51"], "resnet51"),
-    ("imagenet_resnet.bench", ["--out", "{tmp}/x.pt"], "--out"),
-    ("data_prep.extract", ["--split", "train", "--archive", "{tmp}/x.pt", "--dest", "{tmp}", "--workers", "0"], "--workers"),
+    ("benchmarks.bench", ["--only", "gpu-burn"], "gpu-burn"),
+    ("benchmarks.bench", ["--models", "resnet51"], "resnet51"),
+    ("benchmarks.bench", ["--out", "{tmp}/x.pt"], "--out"),
+    (
+        "data_prep.extract",
+        ["--split", "train", "--archive", "{tmp}/x.pt", "--dest", "{tmp}", "--workers", "0"],
+        "--workers",
+    ),
     ("data_prep.extract", ["--split", "train", "--archive", "{tmp}/none.tar", "--dest", "{tmp}"], "--archive"),
     ("data_prep.finish", ["--dest", "{tmp}", "--src", "{tmp}", "--workers", "-2"], "--workers"),
     ("data_prep.devkit", ["--devkit", "{tmp}/none.tar.gz", "--dest", "{tmp}"], "--devkit"),
@@ -282,9 +300,20 @@ def test_bad_flags_of_the_other_tools(module, args, named, tmp_path):
 
 
 def test_check_config_prints_the_plan(cifar_root, tmp_path):
-    proc = run_module("imagenet_resnet.train", "--check-config", "--nproc", "4", "--config", "configs/cifar10_resnet20.yaml",
-                      f"data.root={cifar_root}", f"run.out_dir={tmp_path / 'run'}", "data.batch_size=16",
-                      "optim.accumulation_steps=2", "schedule.epochs=10", "schedule.warmup_epochs=2")
+    proc = run_module(
+        "imagenet_resnet.train",
+        "--check-config",
+        "--nproc",
+        "4",
+        "--config",
+        "configs/cifar10_resnet20.yaml",
+        f"data.root={cifar_root}",
+        f"run.out_dir={tmp_path / 'run'}",
+        "data.batch_size=16",
+        "optim.accumulation_steps=2",
+        "schedule.epochs=10",
+        "schedule.warmup_epochs=2",
+    )
     assert "(600 train / 110 val images)" in proc.stdout
     # 600 images / 4 processes = 150 each; 9 batches of 16; 4 optimizer steps of 2 micro-batches
     assert ("plan: global batch 128 = 16 x 4 process(es) x 2 accumulation; lr 0.1 = base_lr 0.2 x 128/256; "
@@ -322,7 +351,7 @@ def test_the_launch_script_stops_once_on_missing_data(tmp_path, dataset, root, n
 def test_data_workers_auto_follows_the_cores_and_the_processes_on_the_node(monkeypatch):
     import os
 
-    from imagenet_resnet.data import loader_workers
+    from imagenet_resnet.data.loader import loader_workers
 
     cores = len(os.sched_getaffinity(0))
     assert load_config(None).data.workers == "auto" and loader_workers("3") == 3
@@ -334,9 +363,19 @@ def test_data_workers_auto_follows_the_cores_and_the_processes_on_the_node(monke
     assert loader_workers("auto") == 1
 
 
-ENTRY_POINTS = ["imagenet_resnet.train", "imagenet_resnet.evaluate", "imagenet_resnet.predict", "imagenet_resnet.export",
-                "imagenet_resnet.plot", "imagenet_resnet.bench", "imagenet_resnet.checkpoint", "data_prep.generate",
-                "data_prep.devkit", "data_prep.extract", "data_prep.finish"]
+ENTRY_POINTS = [
+    "imagenet_resnet.train",
+    "imagenet_resnet.evaluate",
+    "imagenet_resnet.predict",
+    "imagenet_resnet.export",
+    "imagenet_resnet.plot",
+    "benchmarks.bench",
+    "imagenet_resnet.checkpoint",
+    "data_prep.generate",
+    "data_prep.devkit",
+    "data_prep.extract",
+    "data_prep.finish",
+]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

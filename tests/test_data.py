@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from imagenet_resnet.data import DeviceLoader, Normalizer, TrainSampler, read_cifar, shard_range
+from imagenet_resnet.data.datasets import read_cifar
+from imagenet_resnet.data.device_loader import DeviceLoader
+from imagenet_resnet.data.loader import Normalizer
+from imagenet_resnet.data.sampling import TrainSampler, shard_range
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
 

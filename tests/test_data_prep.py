@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, cli_env
-from data_prep.layout import DEVKIT, TRAIN_TAR, VAL_TAR
 from data_prep.generate import generate
+from imagenet_resnet.layout import DEVKIT, TRAIN_TAR, VAL_TAR
 
 
 def prepare(src: Path, dest: Path, *extra: str, wait: bool = True):

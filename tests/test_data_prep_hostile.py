@@ -16,9 +16,9 @@ import pytest
 
 from data_prep.extract import check_free_space, human_size, problem
 from data_prep.generate import add_bytes, generate
-from data_prep.layout import TRAIN_TAR
-from imagenet_resnet.data import read_file_lists
+from imagenet_resnet.data.datasets import read_file_lists
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.layout import TRAIN_TAR
 from test_data_prep import fingerprint, prepare, read_list
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]

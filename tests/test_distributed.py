@@ -27,7 +27,9 @@ def launch(script: str, *args: str, env: dict[str, str] | None = None, wait: boo
     cmd = ["bash", script, *args]
     full_env = dict(cli_env(), PYTHON=str(REPO / ".venv/bin/python"), **(env or {}))
     if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -48,7 +48,7 @@ def test_cifar_downloads_verifies_extracts_and_trains(tmp_path, server, monkeypa
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", base + "cifar-10-python.tar.gz")
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "tgz_md5", cifar_archive(tmp_path, served))
     root = tmp_path / "data"
-    from imagenet_resnet.trainer import run_training
+    from imagenet_resnet.train import run_training
 
     records = run_training(load_config("configs/cifar10_resnet20.yaml", [
         f"data.root={root}", f"run.out_dir={tmp_path / 'run'}", "schedule.epochs=1", "data.batch_size=50",

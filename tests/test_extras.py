@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 
 from conftest import run_module
 from data_prep.generate import class_image, generate_cifar, generate_mnist
@@ -49,8 +48,17 @@ def test_mnist_idx_files_train_through_the_same_trainer(tmp_path):
     root = generate_mnist(tmp_path / "mnist", train_per_class=60, val_per_class=7)
     assert (root / "train-images-idx3-ubyte.gz").is_file() and (root / "t10k-images-idx3-ubyte").is_file()
     out = tmp_path / "run"
-    run_module("imagenet_resnet.train", "--config", "configs/mnist_resnet20.yaml", f"data.root={root}",
-               f"run.out_dir={out}", "schedule.epochs=3", "data.batch_size=32", "optim.base_lr=0.8", "wandb.mode=disabled")
+    run_module(
+        "imagenet_resnet.train",
+        "--config",
+        "configs/mnist_resnet20.yaml",
+        f"data.root={root}",
+        f"run.out_dir={out}",
+        "schedule.epochs=3",
+        "data.batch_size=32",
+        "optim.base_lr=0.8",
+        "wandb.mode=disabled",
+    )
     records = read_metrics(out)
     assert records[-1]["val_images"] == 70 and records[-1]["val_top1"] > 50  # chance: 10%
 

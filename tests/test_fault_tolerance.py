@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 import torch
 
-from conftest import REPO, cli_env, run_module
+from conftest import REPO, cli_env
 from imagenet_resnet.checkpoint import load_file
 from imagenet_resnet.metrics import read_metrics
 
@@ -35,8 +35,15 @@ def train_cmd(nproc: int, cifar_root: Path, out: Path, *extra: str, max_restarts
 
 
 def start(cmd: list[str], **env: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=REPO, env=cli_env() | env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=cli_env() | env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(proc: subprocess.Popen, text: str, timeout: float = 300) -> str:
@@ -195,10 +202,23 @@ IMAGENET_STOP_ARGS = ["data.image_size=32", "data.batch_size=4", "data.workers=2
 
 def launched(imagenet_root: Path, out: Path, loader: str) -> subprocess.Popen:
     """launch/single_node.sh with 2 processes, each with 2 loader worker processes (DALI: threads)."""
-    return subprocess.Popen(["bash", "launch/single_node.sh", "configs/imagenet_resnet18.yaml", f"data.root={imagenet_root}",
-                             f"data.loader={loader}", f"run.out_dir={out}", *IMAGENET_STOP_ARGS], cwd=REPO,
-                            env={**cli_env(), "NPROC": "2", "PYTHON": sys.executable}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [
+            "bash",
+            "launch/single_node.sh",
+            "configs/imagenet_resnet18.yaml",
+            f"data.root={imagenet_root}",
+            f"data.loader={loader}",
+            f"run.out_dir={out}",
+            *IMAGENET_STOP_ARGS,
+        ],
+        cwd=REPO,
+        env={**cli_env(), "NPROC": "2", "PYTHON": sys.executable},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +306,9 @@ def test_a_hung_rank_ends_the_group_after_the_timeout_and_the_restart_finishes_e
     wait_for(proc, "epoch 0 step 5/")
     os.kill(rank_pids(proc, 2)[1], signal.SIGSTOP)  # a frozen rank: it neither works nor exits
     output = finish(proc)  # torchrun restarts the group once rank 0 gives up waiting
-    assert "rank 0: a collective timed out after 10 s (run.collective_timeout_s) at epoch 0 step" in output, output[-3000:]
+    assert "rank 0: a collective timed out after 10 s (run.collective_timeout_s) at epoch 0 step" in output, output[
+        -3000:
+    ]
     assert "resumed from" in output
     assert exact(read_metrics(out)) == reference2  # every epoch once, every number as if nothing happened
 
@@ -323,7 +345,9 @@ def test_a_stuck_loader_worker_ends_the_run_naming_the_data_loader(imagenet_root
             shutil.copyfile(path, target)
     subprocess.run(["fusermount", "-u", str(vfat)], check=True)  # remount: nothing left in the page cache
     subprocess.run(["fusefat", "-o", "ro", str(image), str(vfat)], check=True)
-    daemon = int(subprocess.run(["pgrep", "-f", f"fusefat -o ro {image}"], capture_output=True, text=True).stdout.split()[0])
+    daemon = int(
+        subprocess.run(["pgrep", "-f", f"fusefat -o ro {image}"], capture_output=True, text=True).stdout.split()[0]
+    )
     cmd = [sys.executable, "-m", "imagenet_resnet.train", "--config", "configs/imagenet_resnet18.yaml",
            f"data.root={vfat / 'imagenet'}", f"run.out_dir={tmp_path / 'run'}", "data.loader=torchvision",
            "data.workers=1", "data.batch_size=4", "data.image_size=32", "schedule.epochs=1",
@@ -345,7 +369,9 @@ def test_a_slowed_rank_shows_as_the_slowest_in_every_epochs_record(cifar_root, t
     """Stragglers, visible: rank 1 is slowed from outside (SIGSTOP/SIGCONT cycles, nothing in the
     package knows), and each epoch's record names it, with its own step time well above rank 0's."""
     out = tmp_path / "run"
-    proc = start(train_cmd(2, cifar_root, out, "data.batch_size=8", "schedule.epochs=2", "run.checkpoint_every_steps=0"))
+    proc = start(
+        train_cmd(2, cifar_root, out, "data.batch_size=8", "schedule.epochs=2", "run.checkpoint_every_steps=0")
+    )
     wait_for(proc, "epoch 0 step 1/")
     slowed = rank_pids(proc, 2)[1]
     try:

@@ -70,7 +70,7 @@ def test_dali_gpu_decode_resumes_mid_epoch_with_the_same_images(imagenet_root):
 
 
 def test_bench_runs_every_gpu_configuration_and_profiles_the_fastest(tmp_path):
-    run_module("imagenet_resnet.bench", "--out", str(tmp_path), "--quick", "--only", "model", timeout=1200, gpu=True)
+    run_module("benchmarks.bench", "--out", str(tmp_path), "--quick", "--only", "model", timeout=1200, gpu=True)
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert all(r["value"] and r["value"] > 0 for r in records if r["section"] == "model")  # nothing skipped
     busy = [r["value"] for r in records if r["name"].endswith("GPU busy")]

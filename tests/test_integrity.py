@@ -96,7 +96,9 @@ def test_the_environment_decides_wandbs_mode(env, mode, cifar_root, tmp_path):
 
 def test_wandb_that_cannot_reach_its_server_logs_offline_and_training_goes_on(cifar_root, tmp_path):
     out = tmp_path / "run"
-    proc = train(cifar_root, out, "wandb.mode=online", "wandb.init_timeout_s=2", env={**FAKE_KEY, "HOME": str(tmp_path)})
+    proc = train(
+        cifar_root, out, "wandb.mode=online", "wandb.init_timeout_s=2", env={**FAKE_KEY, "HOME": str(tmp_path)}
+    )
     assert "wandb could not start online" in proc.stderr and "logging offline" in proc.stderr
     assert len(list(out.glob("wandb/offline-run-*"))) == 1 and [r["epoch"] for r in read_metrics(out)] == [0]
 

@@ -15,8 +15,17 @@ CPU = torch.device("cpu")
 
 
 def loaders(root, loader, rank=0, world=1, batch=4):
-    cfg = load_config(None, [f"data.root={root}", "data.dataset=imagenet", f"data.loader={loader}", "data.image_size=32",
-                             f"data.batch_size={batch}", "data.workers=1"])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.dataset=imagenet",
+            f"data.loader={loader}",
+            "data.image_size=32",
+            f"data.batch_size={batch}",
+            "data.workers=1",
+        ],
+    )
     return build_loaders(cfg, DistInfo(rank, rank, world, CPU), torch.float32)
 
 

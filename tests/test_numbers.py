@@ -18,8 +18,9 @@ from conftest import REPO, cli_env
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.transforms import train_transform, val_transform
 from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.evaluation import evaluate
 from imagenet_resnet.metrics import read_metrics, topk_correct
-from imagenet_resnet.trainer import Trainer, evaluate
+from imagenet_resnet.trainer import Trainer
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -153,7 +154,7 @@ def test_dali_evaluation_crop_is_the_definition_within_tolerance(tmp_path, size,
 
 
 def test_predict_reads_a_large_jpeg_reduced_and_crops_it_as_evaluation_does(tmp_path):
-    from imagenet_resnet.data import val_resize_side
+    from imagenet_resnet.data.transforms import val_resize_side
     from imagenet_resnet.predict import load_image
 
     path = tmp_path / "large.jpg"
@@ -238,7 +239,9 @@ def test_each_optimizer_step_uses_the_scheduled_lr_of_its_own_step(cifar_root, t
     for step, lrs in enumerate(used):
         assert lrs == pytest.approx([trainer.peak_lr * trainer.schedule.factor(step)] * len(lrs), rel=1e-12, abs=1e-15)
     assert unchanged == [True]
-    assert read_metrics(tmp_path / "run")[-1]["lr"] == pytest.approx(trainer.peak_lr * trainer.schedule.factor(steps - 1))
+    assert read_metrics(tmp_path / "run")[-1]["lr"] == pytest.approx(
+        trainer.peak_lr * trainer.schedule.factor(steps - 1)
+    )
 
 
 # --- evaluation of the bare module under DDP --------------------------------------------------
@@ -259,10 +262,32 @@ def test_a_rank_without_val_images_does_not_stall_evaluation(tmp_path):
             Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "imagenet_resnet.train",
-         "--config", "configs/imagenet_resnet18.yaml", f"data.root={root}", "data.dataset=folder",
-         "data.loader=torchvision", "data.workers=0", "data.image_size=32", "data.batch_size=4", "schedule.epochs=1",
-         "schedule.warmup_epochs=0", f"run.out_dir={out}", "wandb.mode=disabled"],
-        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "imagenet_resnet.train",
+            "--config",
+            "configs/imagenet_resnet18.yaml",
+            f"data.root={root}",
+            "data.dataset=folder",
+            "data.loader=torchvision",
+            "data.workers=0",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "schedule.epochs=1",
+            "schedule.warmup_epochs=0",
+            f"run.out_dir={out}",
+            "wandb.mode=disabled",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_metrics(out)[-1]["val_images"] == 1

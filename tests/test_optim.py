@@ -1,7 +1,6 @@
 import math
 
 import pytest
-from torch import nn
 
 from imagenet_resnet.models import build_model
 from imagenet_resnet.optim import NORM_TYPES, Schedule, param_groups, scaled_lr

@@ -8,9 +8,20 @@ from conftest import run_module
 
 def fake_run(folder, top1_end: float):
     folder.mkdir()
-    lines = [{"epoch": e, "train_loss": 2.0 - 0.3 * e, "val_loss": 2.1 - 0.3 * e, "val_top1": 20 + (top1_end - 20) * e / 4,
-              "val_top5": 60 + 8 * e, "lr": 0.1 * (1 - e / 5), "images_per_sec": 100.0, "data_wait_fraction": 0.1,
-              "val_images": 50} for e in range(5)]
+    lines = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 - 0.3 * e,
+            "val_loss": 2.1 - 0.3 * e,
+            "val_top1": 20 + (top1_end - 20) * e / 4,
+            "val_top5": 60 + 8 * e,
+            "lr": 0.1 * (1 - e / 5),
+            "images_per_sec": 100.0,
+            "data_wait_fraction": 0.1,
+            "val_images": 50,
+        }
+        for e in range(5)
+    ]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return folder
 

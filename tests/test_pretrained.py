@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, cli_env
-from imagenet_resnet.pretrained import diagnosis, imagenet_wnids
+from imagenet_resnet.published import diagnosis, imagenet_wnids
 
 SOURCE = "torchvision:resnet18.IMAGENET1K_V1"
 
@@ -152,7 +152,8 @@ def test_offline_with_nothing_cached_is_one_line(subset, tmp_path):
 
 
 def test_check_imagenet_names_a_label_mapping_that_does_not_fit(subset, torch_home, tmp_path):
-    """make check-imagenet (with the test's ResNet-18 for its ResNet-50). The val labels shuffled (as an ILSVRC2012_ID mapping would leave them): FAIL, the diagnosis
+    """make check-imagenet (with the test's ResNet-18 for its ResNet-50). The val labels shuffled (as an
+    ILSVRC2012_ID mapping would leave them): FAIL, the diagnosis
     names the labels, exit 1. The same set as prepared fails too (a 6-class set is not ImageNet's
     50,000 at 69.76), but not on its labels."""
     shuffled = tmp_path / "imagenet"
@@ -160,7 +161,9 @@ def test_check_imagenet_names_a_label_mapping_that_does_not_fit(subset, torch_ho
     lines = (shuffled / "val.txt").read_text().splitlines()
     labels = [line.rpartition(" ")[2] for line in lines]
     labels = labels[3:] + labels[:3]  # every image with another image's label
-    (shuffled / "val.txt").write_text("".join(f"{line.rpartition(' ')[0]} {label}\n" for line, label in zip(lines, labels)))
+    (shuffled / "val.txt").write_text(
+        "".join(f"{line.rpartition(' ')[0]} {label}\n" for line, label in zip(lines, labels))
+    )
     env = cli_env() | {"TORCH_HOME": str(torch_home), "https_proxy": "http://127.0.0.1:9"}
     proc = subprocess.run(["make", "-s", "check-imagenet", f"DEST={shuffled}", f"CHECK_WEIGHTS={SOURCE}",
                            f"PY={sys.executable}", "ARGS=data.workers=0"], cwd=REPO, env=env, capture_output=True,
@@ -191,8 +194,10 @@ def hf_home(torch_home, tmp_path_factory) -> Path:
     import torchvision
     from safetensors.torch import save_file
 
-    state = torch.load(torch_home / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name,
-                       weights_only=True)
+    state = torch.load(
+        torch_home / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name,
+        weights_only=True,
+    )
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / "models--timm--resnet18.a1_in1k"
     commit = "0" * 40
@@ -219,7 +224,9 @@ def test_timm_weights_score_as_timms_own_transform_image_by_image(subset, hf_hom
 
     net.load_state_dict(load_file(str(next(hf_home.rglob("model.safetensors")))))
     net.eval()
-    transform = create_transform(**resolve_data_config({}, model=timm.create_model("resnet18.a1_in1k"), use_test_size=True))
+    transform = create_transform(
+        **resolve_data_config({}, model=timm.create_model("resnet18.a1_in1k"), use_test_size=True)
+    )
     order, top1, images = imagenet_wnids(), 0, 0
     for line in (subset / "val.txt").read_text().splitlines():
         path, _, _ = line.rpartition(" ")
@@ -240,12 +247,12 @@ def test_timm_offline_with_nothing_cached_is_one_line(subset, tmp_path):
 
 
 def test_fine_tuning_starts_from_published_weights_by_name(torch_home, monkeypatch):
-    from imagenet_resnet.finetune import load_pretrained
+    from imagenet_resnet.finetune import load_init_from
     from imagenet_resnet.models import build_model
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
     net = build_model("resnet18", 7)
-    loaded = load_pretrained(net, SOURCE)
+    loaded = load_init_from(net, SOURCE)
     cached = torch.load(next((torch_home / "hub" / "checkpoints").iterdir()), weights_only=True)
     assert loaded == set(cached) - {"fc.weight", "fc.bias"}  # all but the 1000-class head
     assert torch.equal(net.state_dict()["layer2.0.downsample.0.weight"], cached["layer2.0.downsample.0.weight"])
@@ -254,9 +261,23 @@ def test_fine_tuning_starts_from_published_weights_by_name(torch_home, monkeypat
 def test_a_weights_file_with_arch_scores_as_its_source(subset, torch_home, tmp_path, by_source):
     """Offline machines: the file itself, in --arch's network with its transform and figures."""
     weights = next((torch_home / "hub" / "checkpoints").iterdir())
-    by_file = subprocess.run([sys.executable, "-m", "imagenet_resnet.evaluate", "--pretrained", str(weights), "--arch",
-                              SOURCE, f"data.root={subset}", "data.workers=0"], cwd=REPO,
-                             env=cli_env() | {"TORCH_HOME": str(tmp_path / "empty_home")}, capture_output=True, text=True)
+    by_file = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagenet_resnet.evaluate",
+            "--pretrained",
+            str(weights),
+            "--arch",
+            SOURCE,
+            f"data.root={subset}",
+            "data.workers=0",
+        ],
+        cwd=REPO,
+        env=cli_env() | {"TORCH_HOME": str(tmp_path / "empty_home")},
+        capture_output=True,
+        text=True,
+    )
     assert last_json(by_file) == by_source
     no_arch = subprocess.run([sys.executable, "-m", "imagenet_resnet.evaluate", "--pretrained", str(weights),
                               f"data.root={subset}"], cwd=REPO, env=cli_env(), capture_output=True, text=True)

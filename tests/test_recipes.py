@@ -14,17 +14,19 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_module
+from conftest import run_module
 from data_prep.generate import generate_cifar
 from imagenet_resnet.checkpoint import load_file
 from imagenet_resnet.config import DataConfig, OptimConfig, ScheduleConfig, load_config
-from imagenet_resnet.data import build_loaders, train_image_size
+from imagenet_resnet.data import build_loaders
+from imagenet_resnet.data.sizes import train_image_size
 from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.evaluation import evaluate
 from imagenet_resnet.metrics import read_metrics
 from imagenet_resnet.models import build_model
 from imagenet_resnet.optim import Schedule, build_optimizer
-from imagenet_resnet.trainer import evaluate
-from test_fault_tolerance import EXACT_KEYS, finish, kill_when, start, stopped as stopped_run, wait_for
+from test_fault_tolerance import EXACT_KEYS, finish, kill_when, start, wait_for
+from test_fault_tolerance import stopped as stopped_run
 
 CPU = DistInfo(0, 0, 1, torch.device("cpu"))
 
@@ -69,7 +71,9 @@ def test_lamb_adapts_only_decayed_weights():
 
 
 def test_linear_and_poly_schedules():
-    linear = Schedule.from_config(ScheduleConfig(epochs=10, kind="linear", warmup_epochs=2, warmup_start_factor=1e-4), 10, 256)
+    linear = Schedule.from_config(
+        ScheduleConfig(epochs=10, kind="linear", warmup_epochs=2, warmup_start_factor=1e-4), 10, 256
+    )
     assert linear.factor(0) == pytest.approx(1e-4) and linear.factor(20) == 1.0
     assert linear.factor(60) == pytest.approx(0.5) and linear.factor(100) == 0.0  # FFCV: straight down to zero
     poly = Schedule.from_config(ScheduleConfig(epochs=10, kind="poly", poly_power=2.0, warmup_epochs=2), 10, 256)
@@ -119,7 +123,9 @@ def test_bce_and_mixing_targets():
     logits, labels = torch.randn(4, 5), torch.tensor([0, 3, 1, 3])
     bce = build_loss(OptimConfig(loss="bce", label_smoothing=0.1), soft_targets=False)
     target = torch.full((4, 5), 0.1 / 5).scatter_(1, labels[:, None], 1 - 0.1 + 0.1 / 5)
-    assert bce(logits, labels).item() == pytest.approx(nn.functional.binary_cross_entropy_with_logits(logits, target).item())
+    assert bce(logits, labels).item() == pytest.approx(
+        nn.functional.binary_cross_entropy_with_logits(logits, target).item()
+    )
     np.random.seed(0)
     cfg = load_config(None, ["data.mixup_alpha=0.2", "optim.label_smoothing=0.1", "data.batch_size=4"])
     images = torch.randn(4, 3, 8, 8)
@@ -208,9 +214,19 @@ def test_ema_is_the_average_of_the_weights_after_each_step(cifar_root, tmp_path)
 
 def test_fp16_skips_overflowing_steps_and_resumes_with_its_scaler(tmp_path):
     root = generate_cifar(tmp_path / "cifar", "cifar10", train_per_class=2, val_per_class=1)  # fp16 is slow on a CPU
-    args = ["-m", "imagenet_resnet.train", "--config", "configs/cifar10_resnet20.yaml", f"data.root={root}",
-            "data.batch_size=10", "schedule.epochs=2", "run.precision=fp16", "run.loss_scale=1e9",  # fp16 grads overflow
-            "run.log_every_steps=1", "wandb.mode=disabled"]
+    args = [
+        "-m",
+        "imagenet_resnet.train",
+        "--config",
+        "configs/cifar10_resnet20.yaml",
+        f"data.root={root}",
+        "data.batch_size=10",
+        "schedule.epochs=2",
+        "run.precision=fp16",
+        "run.loss_scale=1e9",  # fp16 grads overflow
+        "run.log_every_steps=1",
+        "wandb.mode=disabled",
+    ]
     finish(start([sys.executable, *args, f"run.out_dir={tmp_path / 'straight'}"]))
     stopped = start([sys.executable, *args, f"run.out_dir={tmp_path / 'resumed'}"])
     wait_for(stopped, "epoch 1 step 1/")
@@ -225,14 +241,36 @@ def test_fp16_skips_overflowing_steps_and_resumes_with_its_scaler(tmp_path):
 
 # --- everything at once, killed and restarted -------------------------------------------------
 
-ALL_EXTRAS = ["model.name=resnet18", "model.ema_decay=0.9", "model.drop_path=0.1",
-              "optim.name=lamb", "optim.loss=bce", "optim.bce_target_threshold=0.2", "optim.base_lr=0.004",
-              "optim.weight_decay=0.02", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
-              "data.auto_augment=rand-m9-mstd0.5-inc1", "data.repeated_augmentation=3", "data.interpolation=bicubic",
-              "data.crop_min_area=0.05", "model.blurpool=true", "data.start_image_size=16", "data.image_size=32", "data.resize_ramp_epochs=[0,1]",
-              "data.val_image_size=48", "data.val_crop_fraction=0.95", "data.val_flip_tta=true", "schedule.kind=cosine",
-              "schedule.epochs=2", "schedule.warmup_epochs=0.5", "data.workers=1", "run.log_every_steps=1",
-              "run.checkpoint_every_steps=3", "wandb.mode=disabled"]
+ALL_EXTRAS = [
+    "model.name=resnet18",
+    "model.ema_decay=0.9",
+    "model.drop_path=0.1",
+    "optim.name=lamb",
+    "optim.loss=bce",
+    "optim.bce_target_threshold=0.2",
+    "optim.base_lr=0.004",
+    "optim.weight_decay=0.02",
+    "data.mixup_alpha=0.2",
+    "data.cutmix_alpha=1.0",
+    "data.auto_augment=rand-m9-mstd0.5-inc1",
+    "data.repeated_augmentation=3",
+    "data.interpolation=bicubic",
+    "data.crop_min_area=0.05",
+    "model.blurpool=true",
+    "data.start_image_size=16",
+    "data.image_size=32",
+    "data.resize_ramp_epochs=[0,1]",
+    "data.val_image_size=48",
+    "data.val_crop_fraction=0.95",
+    "data.val_flip_tta=true",
+    "schedule.kind=cosine",
+    "schedule.epochs=2",
+    "schedule.warmup_epochs=0.5",
+    "data.workers=1",
+    "run.log_every_steps=1",
+    "run.checkpoint_every_steps=3",
+    "wandb.mode=disabled",
+]
 
 
 def exact(records: list[dict]) -> list[dict]:

@@ -54,7 +54,10 @@ def test_changed_keys_take_effect_on_resume_and_are_announced(one_epoch, cifar_r
     for key, (before, now) in changed.items():
         assert f"resume: {key} {before} -> {now}\n" in proc.stdout, key
     # The batch changed by a key, not by a new world size: said so.
-    assert "resume: global batch 64 -> 32 = 32 x 1 process(es) x 1 accumulation step(s), from the changed keys" in proc.stdout
+    assert (
+        "resume: global batch 64 -> 32 = 32 x 1 process(es) x 1 accumulation step(s), from the changed keys"
+        in proc.stdout
+    )
     assert "processes (run.on_world_size_change" not in proc.stdout
 
     state = load_file(out / "last.pt")

@@ -20,7 +20,7 @@ import torch
 from conftest import REPO, cli_env, run_module
 from imagenet_resnet.checkpoint import REQUIRED_KEYS, load_file
 from imagenet_resnet.metrics import read_metrics
-from test_fault_tolerance import finish, start, stopped, wait_for
+from test_fault_tolerance import start, stopped, wait_for
 from test_integrity import one_error_line
 
 pytestmark = pytest.mark.e2e
@@ -124,7 +124,7 @@ def test_a_killed_holder_frees_the_folder_at_once_on_its_own_host(cifar_root, tm
     assert (out / "lease.json").is_file()
     started = time.monotonic()
     proc = train(cifar_root, out, "schedule.epochs=2", "run.lease_timeout_s=600")
-    assert f"taken over from host" in proc.stderr and f"its process {first.pid} is gone" in proc.stderr
+    assert "taken over from host" in proc.stderr and f"its process {first.pid} is gone" in proc.stderr
     assert time.monotonic() - started < 600  # it did not wait out the 10-minute lease
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1]
 
@@ -186,9 +186,18 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(cifar_roo
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "-m", "imagenet_resnet.train", *train_args(cifar_root, out, "schedule.epochs=2")],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, preexec_fn=small_files, timeout=300)
-    one_error_line(proc, str(out), "could not write checkpoint last.pt", "File too large", "previous last.pt is unchanged")
+    proc = subprocess.run(
+        [sys.executable, "-m", "imagenet_resnet.train", *train_args(cifar_root, out, "schedule.epochs=2")],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=300,
+    )
+    one_error_line(
+        proc, str(out), "could not write checkpoint last.pt", "File too large", "previous last.pt is unchanged"
+    )
     assert (out / "last.pt").read_bytes() == before and not (out / "last.pt.tmp").exists()
     assert load_file(out / "last.pt")["position"]["epoch"] == 1
     proc = train(cifar_root, out, "schedule.epochs=2")  # the same command, with room again
@@ -219,8 +228,12 @@ def test_upgrade_runs_no_code_from_a_crafted_numpy_global(cifar_root, tmp_path):
     state["rng"][0]["numpy"] = RunsNumpyCode(marker)
     torch.save(state, out / "last.pt")
     before = (out / "last.pt").read_bytes()
-    line = one_error_line(train(cifar_root, out, "schedule.epochs=2", check=False), "numpy.testing._private.utils.runstring")
-    assert "imagenet_resnet.checkpoint upgrade" not in line  # only a file of exactly the old NumPy RNG globals is sent there
+    line = one_error_line(
+        train(cifar_root, out, "schedule.epochs=2", check=False), "numpy.testing._private.utils.runstring"
+    )
+    assert (
+        "imagenet_resnet.checkpoint upgrade" not in line
+    )  # only a file of exactly the old NumPy RNG globals is sent there
     line = one_error_line(run_module("imagenet_resnet.checkpoint", "upgrade", str(out / "last.pt"), check=False),
                           "refused", "numpy.testing._private.utils.runstring", "nothing from it was run")
     assert not marker.exists() and (out / "last.pt").read_bytes() == before and not (out / "last.pt.orig").exists()
@@ -231,7 +244,9 @@ def test_upgrade_runs_no_code_from_a_crafted_numpy_global(cifar_root, tmp_path):
 def test_upgrade_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    one_error_line(run_module("imagenet_resnet.checkpoint", "upgrade", str(text), check=False), str(text), "not a checkpoint")
+    one_error_line(
+        run_module("imagenet_resnet.checkpoint", "upgrade", str(text), check=False), str(text), "not a checkpoint"
+    )
     proc = run_module("imagenet_resnet.checkpoint", "upgrade", str(tmp_path), check=False)
     assert proc.returncode == 2 and "is a folder" in proc.stderr and "Traceback" not in proc.stderr
     assert text.read_text() == "not a checkpoint"
@@ -316,9 +331,14 @@ def test_the_launch_script_stops_at_once_on_a_held_run_folder(cifar_root, tmp_pa
     out = tmp_path / "run"
     holder = running_job(cifar_root, out, "schedule.epochs=100")
     try:
-        proc = subprocess.run(["bash", "launch/single_node.sh", *train_args(cifar_root, out, "schedule.epochs=100")[1:]],
-                              cwd=REPO, env={**cli_env(), "NPROC": "1", "PYTHON": sys.executable},
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            ["bash", "launch/single_node.sh", *train_args(cifar_root, out, "schedule.epochs=100")[1:]],
+            cwd=REPO,
+            env={**cli_env(), "NPROC": "1", "PYTHON": sys.executable},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         holder.send_signal(signal.SIGTERM)
         stopped(holder)

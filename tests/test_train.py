@@ -21,9 +21,17 @@ def wandb_run_bytes(out_dir) -> bytes:
 @pytest.fixture(scope="module")
 def trained(cifar_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    proc = run_module("imagenet_resnet.train", *ARGS, f"data.root={cifar_root}", f"run.out_dir={out}",
-                      "schedule.epochs=4", "wandb.mode=offline", "wandb.group=seeds-of-rn20", "wandb.tags=[baseline,cifar]",
-                      "wandb.notes=first try at batch 32")
+    proc = run_module(
+        "imagenet_resnet.train",
+        *ARGS,
+        f"data.root={cifar_root}",
+        f"run.out_dir={out}",
+        "schedule.epochs=4",
+        "wandb.mode=offline",
+        "wandb.group=seeds-of-rn20",
+        "wandb.tags=[baseline,cifar]",
+        "wandb.notes=first try at batch 32",
+    )
     return out, proc
 
 

@@ -20,7 +20,7 @@ from data_prep.generate import CIFAR10_NAMES
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import DistInfo
-from imagenet_resnet.finetune import load_pretrained
+from imagenet_resnet.finetune import load_init_from
 from imagenet_resnet.inference import load_trained
 from imagenet_resnet.models import build_model
 from test_integrity import one_error_line
@@ -81,7 +81,9 @@ def test_predict_matches_evaluation_of_the_same_images_and_names_the_classes(res
     folder = imagenet_root / "val" / Path(val[0]).parent.name
     lines = run_module("imagenet_resnet.predict", "--checkpoint", str(resnet18), str(folder)).stdout.splitlines()
     assert len(lines) == len(list(folder.iterdir()))
-    assert all(re.fullmatch(rf"{re.escape(str(folder))}/\S+: (.+ \d+\.\d%, ){{4}}.+ \d+\.\d%", line) for line in lines), lines
+    assert all(
+        re.fullmatch(rf"{re.escape(str(folder))}/\S+: (.+ \d+\.\d%, ){{4}}.+ \d+\.\d%", line) for line in lines
+    ), lines
 
 
 def test_predict_on_a_cifar_checkpoint_uses_the_dataset_class_names(cifar, tmp_path):
@@ -133,7 +135,9 @@ def test_safetensors_load_strictly_into_the_torchvision_and_timm_models(resnet18
     images = torch.randn(2, 3, 32, 32)
     for checkpoint, library_model in ((resnet18, torchvision.models.resnet18(num_classes=7)),
                                       (seresnet18, timm.create_model("seresnet18", num_classes=7))):
-        state = load_safetensors(exported(checkpoint, "safetensors", tmp_path / f"{checkpoint.parent.name}.safetensors"))
+        state = load_safetensors(
+            exported(checkpoint, "safetensors", tmp_path / f"{checkpoint.parent.name}.safetensors")
+        )
         library_model.load_state_dict(state, strict=True)
         assert torch.equal(logits(library_model, images), logits(load_trained(checkpoint).net, images))
 
@@ -163,7 +167,7 @@ def test_ema_weights_are_exported_when_asked(cifar, tmp_path):
     assert torch.equal(plain["fc.weight"], state["model"]["fc.weight"])
     assert torch.equal(ema["fc.weight"], state["model_ema"]["fc.weight"])
     net = build_model("cifar_resnet20", 10)
-    load_pretrained(net, tmp_path / "ema.safetensors")  # an export is a model.init_from for fine-tuning
+    load_init_from(net, tmp_path / "ema.safetensors")  # an export is a model.init_from for fine-tuning
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state["model_ema"].items())
 
 

@@ -1,10 +1,10 @@
 """Datasets and loaders: CIFAR and MNIST resident on the device, image folders through torchvision or DALI.
 
 Every loader yields `(images, labels)` already on the device, images normalised in the model's
-dtype and memory format, and follows the rules of `sampling`. Modules: `datasets` (reading),
-`sampling` (order, seeds, sizes, normalising), `transforms` (torchvision augmentation and the
-evaluation crop), `mixing` (Mixup/CutMix on the device batch), one module per loader, and the
-choosing here; imports go from here down, never back.
+dtype and memory format. Modules, from the bottom: `datasets` (reading files), `loader` (the
+interface, normalising), `sampling` (order and seeds), `sizes` (the image size of each epoch),
+`transforms` (torchvision augmentation and the evaluation crop), `mixing` (Mixup/CutMix),
+`download`, one module per loader, and the choosing here; imports go from here down, never back.
 
     train, val, num_classes = build_loaders(cfg, dist, input_dtype=torch.float32)
     train.set_position(epoch=3, start_step=0)
@@ -17,31 +17,15 @@ from pathlib import Path
 
 import torch
 
-from imagenet_resnet.config import Config
-from imagenet_resnet.data.datasets import (
-    SMALL_DATASETS,
-    class_names,
-    count_images,
-    decode_error_text,
-    input_channels,
-    normalization,
-    read_cifar,
-    read_file_lists,
-    read_image,
-    read_mnist,
-    read_samples,
-)
+from imagenet_resnet.config import Config, DataConfig
+from imagenet_resnet.data.datasets import SMALL_DATASETS, normalization, read_samples, read_small
 from imagenet_resnet.data.device_loader import DeviceLoader
 from imagenet_resnet.data.download import ensure_dataset
-from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, loader_workers, shard_range, train_image_size
+from imagenet_resnet.data.loader import Loader, Normalizer
 from imagenet_resnet.data.torchvision_loader import build_torchvision_loaders
-from imagenet_resnet.data.transforms import val_resize_side, val_transform
 from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.errors import UserError
 
-__all__ = ["DeviceLoader", "Loader", "Normalizer", "TrainSampler", "build_loaders", "class_names", "count_images",
-           "decode_error_text",
-           "input_channels", "loader_workers", "normalization", "read_cifar", "read_image", "read_file_lists", "resolve_loader", "shard_range",
-           "train_image_size", "val_resize_side", "val_transform"]
 
 def resolve_loader(cfg: Config, device: torch.device) -> str:
     if cfg.data.loader != "auto":
@@ -63,8 +47,7 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
     if dataset in SMALL_DATASETS:
         spec = SMALL_DATASETS[dataset]  # config.py has checked data.loader against data.dataset
         ensure_dataset(Path(cfg.data.root), dataset, cfg.data.download)
-        read = read_cifar if dataset.startswith("cifar") else read_mnist
-        train_x, train_y, val_x, val_y = read(cfg.data.root, dataset)
+        train_x, train_y, val_x, val_y = read_small(cfg.data.root, dataset)
         normalize = Normalizer.create(spec.mean, spec.std, dist.device, input_dtype, channels_last)
         args = dict(batch_size=cfg.data.batch_size, normalize=normalize, dist=dist, seed=cfg.run.seed)
         train = DeviceLoader(train_x, train_y, train=True, padding=cfg.data.crop_padding, flip=spec.flip, **args)
@@ -77,3 +60,21 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
 
         return (*build_dali_loaders(cfg, dist, normalize, samples), num_classes)
     return (*build_torchvision_loaders(cfg, dist, normalize, samples), num_classes)
+
+
+def count_images(data: DataConfig) -> tuple[int, int]:
+    """(train, val) images of data.dataset under data.root, read as the loaders will read them;
+    UserError naming what is missing (the launch scripts check this before starting torchrun)."""
+    root = Path(data.root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"config key data.root={data.root!r}: is a file; expected a folder")
+    if data.dataset in SMALL_DATASETS:
+        ensure_dataset(root, data.dataset, data.download)
+    if not root.is_dir():
+        raise UserError(f"config key data.root={data.root!r}: no such folder")
+    if data.dataset in SMALL_DATASETS:
+        train, _, val, _ = read_small(root, data.dataset)
+    else:
+        samples, _ = read_samples(root, data.dataset)
+        train, val = samples["train"], samples["val"]
+    return len(train), len(val)

@@ -33,7 +33,8 @@ from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug.core import _Augmentation, augmentation, select, signed_bin
 from nvidia.dali.pipeline import do_not_convert
 
-from imagenet_resnet.data.transforms import parse_timm, timm_hparams
+from imagenet_resnet.config import parse_rand_augment
+from imagenet_resnet.data.transforms import timm_hparams
 from imagenet_resnet.errors import UserError
 
 LEVEL = 10.0  # timm's _LEVEL_DENOM: magnitudes are out of 10
@@ -56,19 +57,27 @@ class Policy:
 
 def timm_policy(config: str, size: int, mean: tuple[float, ...]) -> Policy:
     """The policy timm builds from `config` for a train crop of `size` (fill: the dataset's mean)."""
-    transform = parse_timm(config, timm_hparams(size, mean, "bilinear"))
+    transform = parse_rand_augment(config, timm_hparams(size, mean, "bilinear"))
     if transform.choice_weights is not None:
         raise UserError(f"config key data.auto_augment={config!r}: weighted op choice (-t) has no DALI version here; "
                         "use data.loader=torchvision")
     unknown = sorted({op.name for op in transform.ops} - set(OPS))
     if unknown:
-        raise UserError(f"config key data.auto_augment={config!r}: ops without a DALI version here: {', '.join(unknown)}; "
-                        "use data.loader=torchvision")
+        raise UserError(
+            f"config key data.auto_augment={config!r}: ops without a DALI version here: {', '.join(unknown)}; "
+            "use data.loader=torchvision"
+        )
     first = transform.ops[0]
-    return Policy(ops=tuple(op.name for op in transform.ops), layers=transform.num_layers, prob=first.prob,
-                  magnitude=float(first.magnitude), magnitude_std=float(first.magnitude_std),
-                  magnitude_max=float(first.magnitude_max or LEVEL), translate_pct=first.hparams.get("translate_pct", 0.45),
-                  fill=first.hparams["img_mean"])
+    return Policy(
+        ops=tuple(op.name for op in transform.ops),
+        layers=transform.num_layers,
+        prob=first.prob,
+        magnitude=float(first.magnitude),
+        magnitude_std=float(first.magnitude_std),
+        magnitude_max=float(first.magnitude_max or LEVEL),
+        translate_pct=first.hparams.get("translate_pct", 0.45),
+        fill=first.hparams["img_mean"],
+    )
 
 
 # --- the ops: uint8 HWC in and out, as PIL computes them -------------------------------------------

@@ -23,16 +23,9 @@ import torch
 
 from imagenet_resnet.config import Config
 from imagenet_resnet.data.datasets import Samples, image_problem, normalization, unreadable_image
-from imagenet_resnet.data.sampling import (
-    Loader,
-    Normalizer,
-    TrainSampler,
-    augmentation_seed,
-    loader_workers,
-    shard_range,
-    train_image_size,
-    val_image_size,
-)
+from imagenet_resnet.data.loader import Loader, Normalizer, loader_workers, val_batches
+from imagenet_resnet.data.sampling import TrainSampler, augmentation_seed, shard_range
+from imagenet_resnet.data.sizes import train_image_size, val_image_size
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
 
@@ -45,7 +38,6 @@ except ImportError as err:  # pragma: no cover - depends on the machine
         "(nvidia-dali-cuda130), or use data.loader=torchvision"
     ) from err
 from imagenet_resnet.data.dali_augment import Policy, rand_augment, timm_policy
-
 
 # DALI's own auto_aug still calls its experimental aliases; the notice is for DALI, not for users.
 warnings.filterwarnings("ignore", message=".*fn.experimental", category=DeprecationWarning)
@@ -93,7 +85,11 @@ class DaliLoader(Loader):
                  samples: list[tuple[str, int]]) -> None:
         self.root = str(Path(cfg.data.root) / split)
         self.samples, self.normalize, self.dist = samples, normalize, dist
-        self.batch_size, self.threads, self.data = cfg.data.batch_size, max(1, loader_workers(cfg.data.workers)), cfg.data
+        self.batch_size, self.threads, self.data = (
+            cfg.data.batch_size,
+            max(1, loader_workers(cfg.data.workers)),
+            cfg.data,
+        )
         self.seed = cfg.run.seed
         self.train = split == "train"
         self.num_images = len(samples)
@@ -103,7 +99,7 @@ class DaliLoader(Loader):
             self.steps_per_epoch = self.sampler.steps_per_epoch
         else:
             self.shard = list(shard_range(len(samples), dist.rank, dist.world_size))
-            self.steps_per_epoch = -(-len(self.shard) // self.batch_size)
+            self.steps_per_epoch = val_batches(len(self.shard), self.batch_size)
         self.epoch = 0
         self.origin = 0  # the step this epoch's pipeline starts from: its files, seed and checkpoints
         self.done = 0  # batches yielded since origin
@@ -133,20 +129,8 @@ class DaliLoader(Loader):
         indices = self.sampler.indices() if self.train else self.shard
         if not indices:
             return
-        gpu = self.dist.device.type == "cuda"
         files = [self.samples[i][0] for i in indices]
-        size = train_image_size(self.data, self.epoch) if self.train else val_image_size(self.data)
-        augment = self.train and self.data.auto_augment
-        pipe = imagenet_pipeline(
-            file_root=self.root, files=files, labels=[self.samples[i][1] for i in indices],
-            train=self.train, gpu=gpu, crop_fraction=self.data.val_crop_fraction, size=size,
-            policy=timm_policy(self.data.auto_augment, size, normalization(self.data.dataset)[0]) if augment else None,
-            interpolation=self.data.interpolation, min_area=self.data.crop_min_area,
-            batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
-            seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
-            enable_checkpointing=self.train, checkpoint=self.checkpoint,
-        )
-        pipe.build()
+        pipe = self._pipeline(files, [self.samples[i][1] for i in indices])
         batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
         if self.train:
@@ -172,6 +156,23 @@ class DaliLoader(Loader):
             del batches, pipe
 
 
+    def _pipeline(self, files: list[str], labels: list[int]):
+        """This epoch's DALI pipeline over `files`, built."""
+        gpu = self.dist.device.type == "cuda"
+        size = train_image_size(self.data, self.epoch) if self.train else val_image_size(self.data)
+        augment = self.train and self.data.auto_augment
+        pipe = imagenet_pipeline(
+            file_root=self.root, files=files, labels=labels,
+            train=self.train, gpu=gpu, crop_fraction=self.data.val_crop_fraction, size=size,
+            policy=timm_policy(self.data.auto_augment, size, normalization(self.data.dataset)[0]) if augment else None,
+            interpolation=self.data.interpolation, min_area=self.data.crop_min_area,
+            batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
+            seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
+            enable_checkpointing=self.train, checkpoint=self.checkpoint,
+        )
+        pipe.build()
+        return pipe
+
     def _bad_file(self, files: list[str], first: int) -> UserError | None:
         """The file that broke the pipeline: the first that does not decode in the batches DALI
         had in flight (the failing one and its prefetch queue); None if they all do."""
@@ -182,6 +183,8 @@ class DaliLoader(Loader):
         return None
 
 
-def build_dali_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer, samples: Samples) -> tuple[DaliLoader, DaliLoader]:
+def build_dali_loaders(
+    cfg: Config, dist: DistInfo, normalize: Normalizer, samples: Samples
+) -> tuple[DaliLoader, DaliLoader]:
     return (DaliLoader(cfg, dist, normalize, "train", samples["train"]),
             DaliLoader(cfg, dist, normalize, "val", samples["val"]))

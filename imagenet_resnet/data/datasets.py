@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.layout import COMPLETE_MARKER
-from imagenet_resnet.config import Config, DataConfig
+from imagenet_resnet.config import Config
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.layout import COMPLETE_MARKER
 
+SYNSETS = "synsets.txt"  # prepare-imagenet's class list: "<label> <wnid> <words>" per line
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -119,6 +120,11 @@ def read_mnist(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tens
     return out[0], out[1], out[2], out[3]
 
 
+def read_small(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A dataset of SMALL_DATASETS: train images, train labels, val images, val labels."""
+    return (read_cifar if dataset in CIFAR_FOLDERS else read_mnist)(root, dataset)
+
+
 def class_names(cfg: Config) -> list[str]:
     """Human names of the classes, by label: the dataset's own (CIFAR meta, synsets.txt words,
     folder names), or the label numbers where the data does not name them."""
@@ -135,8 +141,7 @@ def class_names(cfg: Config) -> list[str]:
         except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
             return [str(i) for i in range(SMALL_DATASETS[dataset].classes)]
     if dataset == "imagenet":
-        lines = re.findall(r"^\d+ (n\d{8})(?: (.*))?$", (root / "synsets.txt").read_text(), re.MULTILINE)
-        return [words.strip() or wnid for wnid, words in lines]
+        return [words or wnid for wnid, words in read_synsets(root)]
     from torchvision.datasets.folder import find_classes
 
     return find_classes(str(root / "train"))[0]
@@ -145,32 +150,42 @@ def class_names(cfg: Config) -> list[str]:
 Samples = dict[str, list[tuple[str, int]]]  # split -> (path relative to <root>/<split>, label)
 
 
-def read_file_lists(root: Path) -> tuple[Samples, int]:
-    """prepare-imagenet's DEST/train.txt and val.txt, and the class count from synsets.txt's labels."""
-    synsets = root / "synsets.txt"
+def read_synsets(root: Path) -> list[tuple[str, str]]:
+    """prepare-imagenet's DEST/synsets.txt: (WNID, words) of each class, in label order."""
+    synsets = root / SYNSETS
     try:
         text = synsets.read_text()
     except OSError as err:
         raise UserError(f"{synsets}: missing or unreadable ({err.strerror}); re-run make prepare-imagenet") from err
     # "<label> <wnid> <words>" per class; a line that is not one (words of an older devkit parse) is no class.
-    labels = [int(m[1]) for m in re.finditer(r"^(\d+) n\d{8}(?: |$)", text, re.MULTILINE)]
-    if not labels or labels != list(range(len(labels))):
+    lines = re.findall(r"^(\d+) (n\d{8})(?:$| (.*)$)", text, re.MULTILINE)
+    if not lines or [int(label) for label, _, _ in lines] != list(range(len(lines))):
         raise UserError(f"{synsets}: expected lines '<label> <wnid> <words>' with labels 0, 1, 2, ...; "
                         f"re-run make prepare-imagenet")
-    num_classes = len(labels)
+    return [(wnid, words.strip()) for _, wnid, words in lines]
+
+
+def read_file_lists(root: Path) -> tuple[Samples, int]:
+    """prepare-imagenet's DEST/train.txt and val.txt, and the class count from synsets.txt's labels."""
+    num_classes = len(read_synsets(root))
+    synsets = root / SYNSETS
     samples = {}
     for split in ("train", "val"):
         list_path = root / f"{split}.txt"
         try:
             lines = list_path.read_text().splitlines()
         except OSError as err:
-            raise UserError(f"{list_path}: unreadable file list ({err.strerror}); re-run make prepare-imagenet") from err
+            raise UserError(
+                f"{list_path}: unreadable file list ({err.strerror}); re-run make prepare-imagenet"
+            ) from err
         samples[split] = []
         for number, line in enumerate(lines, start=1):
             path, _, label = line.rpartition(" ")
             if not (path and label.isdigit() and int(label) < num_classes):
-                raise UserError(f"{list_path}: line {number} is not '<path> <label>' with a label below the "
-                                f"{num_classes} classes of {synsets.name}: {line[:200]!r}; re-run make prepare-imagenet")
+                raise UserError(
+                    f"{list_path}: line {number} is not '<path> <label>' with a label below the "
+                    f"{num_classes} classes of {synsets.name}: {line[:200]!r}; re-run make prepare-imagenet"
+                )
             samples[split].append((path, int(label)))
     return samples, num_classes
 
@@ -212,27 +227,6 @@ def read_samples(root: Path, dataset: str) -> tuple[Samples, int]:
         check_prepared(root)
         return read_file_lists(root)
     return scan_folders(root)
-
-
-def count_images(data: DataConfig) -> tuple[int, int]:
-    """(train, val) images of data.dataset under data.root, read as the loaders will read them;
-    UserError naming what is missing (the launch scripts check this before starting torchrun)."""
-    root = Path(data.root)
-    if root.exists() and not root.is_dir():
-        raise UserError(f"config key data.root={data.root!r}: is a file; expected a folder")
-    if data.dataset in SMALL_DATASETS:
-        from imagenet_resnet.data.download import ensure_dataset  # here: download imports this module
-
-        ensure_dataset(root, data.dataset, data.download)
-    if not root.is_dir():
-        raise UserError(f"config key data.root={data.root!r}: no such folder")
-    if data.dataset in SMALL_DATASETS:
-        read = read_cifar if data.dataset.startswith("cifar") else read_mnist
-        train, _, val, _ = read(root, data.dataset)
-    else:
-        (samples, _) = read_samples(root, data.dataset)
-        train, val = samples["train"], samples["val"]
-    return len(train), len(val)
 
 
 def unreadable_image(path: Path | str, reason: str) -> UserError:

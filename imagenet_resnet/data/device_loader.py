@@ -9,7 +9,9 @@ from typing import Iterator
 
 import torch
 
-from imagenet_resnet.data.sampling import Loader, TrainSampler, augmentation_seed, shard_range
+from imagenet_resnet.data.loader import Loader, val_batches
+from imagenet_resnet.data.sampling import TrainSampler, augmentation_seed, shard_range
+
 
 class DeviceLoader(Loader):
     """A dataset held as uint8 on the device; pad + random crop + flip run batched there.
@@ -29,7 +31,7 @@ class DeviceLoader(Loader):
             self.steps_per_epoch = self.sampler.steps_per_epoch
         else:
             self.shard = shard_range(self.num_images, dist.rank, dist.world_size)
-            self.steps_per_epoch = -(-len(self.shard) // batch_size)
+            self.steps_per_epoch = val_batches(len(self.shard), batch_size)
         self.set_position(0)
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:

@@ -75,9 +75,12 @@ def fetch(folder: Path, urls: list[str], filename: str, md5: str, dataset: str, 
             errors.append(f"{url} ({getattr(err, 'reason', err)})")
     else:
         partial.unlink(missing_ok=True)
-        raise UserError(f"data.dataset={dataset}: not in {folder} and could not download it: {'; '.join(errors)}. "
-                        f"On a machine with network, fetch {urls[0]} and put {'its extracted ' + extract_to if extract_to else filename} "
-                        f"in {folder} (data.download=never stops trying)")
+        raise UserError(
+            f"data.dataset={dataset}: not in {folder} and could not download it: {'; '.join(errors)}. "
+            f"On a machine with network, fetch {urls[0]} and put "
+            f"{'its extracted ' + extract_to if extract_to else filename} "
+            f"in {folder} (data.download=never stops trying)"
+        )
     if not check_integrity(str(partial), md5):
         partial.unlink()
         raise UserError(f"{urls[0]}: the download does not match torchvision's checksum (md5 {md5}); removed, "

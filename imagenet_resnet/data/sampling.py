@@ -1,5 +1,4 @@
-"""The rules every loader follows: which images a rank gets in which order, their augmentation
-seeds, the per-epoch train size, and normalisation on the device.
+"""Which images a rank gets in which order, and the seeds of their augmentation.
 
 - train: a fresh permutation per epoch from (seed, epoch), split across ranks like
   DistributedSampler (drop_last) or, with repeated augmentation, like timm's RepeatAugSampler,
@@ -8,36 +7,20 @@ seeds, the per-epoch train size, and normalisation on the device.
 - val: contiguous shards from `shard_range`, no padding, no repeats: each image counted once.
 
     sampler = TrainSampler(num_images, dist, seed=0, batch_size=256, repeats=3)
-    sampler.set_position(epoch=3, start_step=100, size=train_image_size(cfg.data, 3))
+    sampler.set_position(epoch=3, start_step=100, size=176)
+    seed_all(augmentation_seed(seed, epoch, index))
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+import random
+from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from imagenet_resnet.config import DataConfig
 from imagenet_resnet.distributed import DistInfo
-
-class Loader(Protocol):
-    num_images: int  # images in this split over all ranks (val: each counted once)
-    steps_per_epoch: int  # batches this rank yields in a full epoch
-
-    def set_position(self, epoch: int, start_step: int = 0) -> None: ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-    def state(self) -> Any:
-        """What an exact mid-epoch resume needs beyond (epoch, step); None where those suffice
-        (per-image augmentation seeds). DALI's own random state is the exception."""
-        return None
-
-    def restore(self, state: Any) -> None:
-        """Take a `state()` saved in a checkpoint; it applies if set_position is then where it was taken."""
 
 
 def shard_range(n: int, rank: int, world_size: int) -> range:
@@ -49,50 +32,19 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 1_000_003 + index) & 0x7FFF_FFFF_FFFF
 
 
-@dataclass
-class Normalizer:
-    """uint8 NCHW batch on the device -> normalised float in the model's dtype and layout."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-    dtype: torch.dtype
-    channels_last: bool
-
-    @classmethod
-    def create(cls, mean, std, device, dtype, channels_last) -> Normalizer:
-        shape = (1, len(mean), 1, 1)
-        scale = torch.tensor(std, device=device).view(shape) * 255
-        return cls(torch.tensor(mean, device=device).view(shape) * 255, scale, dtype, channels_last)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return ((images.float() - self.mean) / self.std).to(self.dtype)
+def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
+    """A training step's seed from (seed, rank, global step, micro-batch): its random draws are then
+    the same in a resumed run, whatever the loaders drew from the global generators meanwhile."""
+    return (((seed * 1_000_003 + rank) * 1_000_003 + step) * 64 + micro) & 0x7FFF_FFFF_FFFF
 
 
-def loader_workers(workers: str) -> int:
-    """data.workers as a count: auto is min(8, the cores this process may use / processes on this node
-    (torchrun's LOCAL_WORLD_SIZE)), at least 1."""
-    if workers != "auto":
-        return int(workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def train_image_size(data: DataConfig, epoch: int) -> int:
-    """The train crop of `epoch`: progressive resizing as FFCV does it (start size until the ramp's
-    first epoch, then linear in the epoch, rounded to a multiple of 32 px, full size from its last)."""
-    start_size, (first, last) = data.start_image_size, data.resize_ramp_epochs
-    if not start_size or epoch >= last:
-        return data.image_size
-    if epoch <= first:
-        return start_size
-    size = start_size + (data.image_size - start_size) * (epoch - first) / (last - first)
-    return min(max(round(size / 32) * 32, start_size), data.image_size)
-
-
-def val_image_size(data: DataConfig) -> int:
-    return data.val_image_size or data.image_size
+def seed_all(value: int) -> None:
+    """Seed torch's, NumPy's and Python's global generators from one value: the draws made under
+    it (an image's augmentation, a step's Mixup and stochastic depth) then do not depend on what
+    ran before."""
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
 
 
 class TrainSampler(DistributedSampler):
@@ -141,7 +93,9 @@ class TrainSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         n = len(self.dataset)
-        return iter([(i, augmentation_seed(self.seed, self.epoch, i + copy * n), self.size) for i, copy in self._mine()])
+        return iter(
+            [(i, augmentation_seed(self.seed, self.epoch, i + copy * n), self.size) for i, copy in self._mine()]
+        )
 
     def __len__(self) -> int:
         return max(0, self.steps_per_epoch * self.batch_size - self.start)

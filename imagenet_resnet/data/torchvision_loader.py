@@ -7,21 +7,22 @@ processes, batches normalised on the device.
 from __future__ import annotations
 
 import multiprocessing
-import random
 import signal
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from imagenet_resnet.config import Config
 from imagenet_resnet.data.datasets import Samples, decode_error_text, read_image, unreadable_image
-from imagenet_resnet.data.sampling import Loader, Normalizer, TrainSampler, loader_workers, shard_range, train_image_size
+from imagenet_resnet.data.loader import Loader, Normalizer, loader_workers, val_batches
+from imagenet_resnet.data.sampling import TrainSampler, seed_all, shard_range
+from imagenet_resnet.data.sizes import train_image_size
 from imagenet_resnet.data.transforms import train_transform, val_transform
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
+
 
 class ImageFileDataset(Dataset):
     """JPEG files decoded by torchvision.io into uint8 CHW; keys are (index, augmentation seed, size),
@@ -42,9 +43,7 @@ class ImageFileDataset(Dataset):
         index, seed, size = key
         path, label = self.samples[index]
         # transforms v2 draw from torch's global generator of this worker, timm's RandAugment from Python's and NumPy's
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        seed_all(seed)
         try:
             image, error = read_image(self.folder / path), ""
         except (RuntimeError, OSError) as err:
@@ -145,5 +144,5 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
                        "train")
     shard = [(i, 0, 0) for i in shard_range(len(val_samples), dist.rank, dist.world_size)]
     val = HostLoader(make("val", val_samples, lambda size: val_tf, shard, False), normalize, dist.device,
-                     len(val_samples), -(-len(shard) // cfg.data.batch_size), split="val")
+                     len(val_samples), val_batches(len(shard), cfg.data.batch_size), split="val")
     return train, val

@@ -12,10 +12,9 @@ from typing import Callable
 
 import torch
 
-from imagenet_resnet.config import Config, DataConfig
+from imagenet_resnet.config import Config, DataConfig, parse_rand_augment
 from imagenet_resnet.data.datasets import SMALL_DATASETS, normalization
-from imagenet_resnet.data.sampling import val_image_size
-from imagenet_resnet.errors import UserError
+from imagenet_resnet.data.sizes import val_image_size
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,26 +49,12 @@ def timm_hparams(size: int, mean: tuple[float, ...], interpolation: str) -> dict
             "interpolation": str_to_pil_interp(interpolation)}
 
 
-def parse_timm(config: str, hparams: dict):
-    """timm's RandAugment object for `config`, or a UserError naming data.auto_augment."""
-    from timm.data.auto_augment import rand_augment_transform
-
-    if not (config == "rand" or config.startswith("rand-")):
-        raise UserError(f"config key data.auto_augment={config!r}: expected timm's RandAugment string, "
-                        "e.g. rand-m9-mstd0.5-inc1 (sections m, n, p, mstd, mmax, inc)")
-    try:
-        return rand_augment_transform(config, dict(hparams))
-    except (AssertionError, ValueError, KeyError) as err:
-        raise UserError(f"config key data.auto_augment={config!r}: timm does not read it "
-                        f"({type(err).__name__}{': ' + str(err) if str(err) else ''})") from err
-
-
 def timm_rand_augment(config: str, hparams: dict):
     """timm's RandAugment with one repair: at magnitude 10 timm's PosterizeIncreasing keeps 0 bits,
     which Pillow >= 11 refuses (ValueError) where older Pillow returned black; black it is here."""
     from timm.data import auto_augment
 
-    transform = parse_timm(config, hparams)
+    transform = parse_rand_augment(config, hparams)
     for op in transform.ops:
         if op.aug_fn is auto_augment.posterize:
             op.aug_fn = _posterize

@@ -1,4 +1,4 @@
-"""Names shared by `make prepare-imagenet` and the trainer: the release archives and DEST's files.
+"""Names shared by `make prepare-imagenet` (data_prep, which imports this package) and the trainer:
 
 Kept free of heavy imports: the up-to-date check and the trainer's readiness check read it.
 

@@ -15,12 +15,11 @@ Labels go by WNID: a prepared set's label k is its k-th sorted WNID, the weights
 i-th of the 1000 (n01440764 first, timm's ImageNetInfo), so a prepared subset is scored right.
 
     published = load_published("torchvision:resnet50.IMAGENET1K_V1")
-    batches = published_batches(published, Path("/data/imagenet"), device, workers=8)  # for trainer.evaluate
+    batches = published_batches(published, Path("/data/imagenet"), device, workers=8)  # for evaluation.evaluate
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from imagenet_resnet.checkpoint import read_weights
+from imagenet_resnet.data.datasets import SYNSETS, read_samples, read_synsets
 from imagenet_resnet.errors import UserError
 
 IMAGENET_CLASSES = 1000
@@ -79,7 +80,11 @@ def load_published(source: str, progress: bool = True, weights_file: Path | None
     try:
         weights = torchvision.models.get_model_weights(arch)[weights_name]
     except (ValueError, KeyError) as err:
-        known = ", ".join(w.name for w in torchvision.models.get_model_weights(arch)) if arch in torchvision.models.list_models() else ""
+        known = (
+            ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
+            if arch in torchvision.models.list_models()
+            else ""
+        )
         raise UserError(f"{source}: torchvision has no such weights"
                         + (f"; {arch} has {known}" if known else "")) from err
     metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K")
@@ -114,10 +119,8 @@ def _load(net: nn.Module, weights_file: Path | None, fetch: Callable[[], dict]) 
     if weights_file is None:
         net.load_state_dict(fetch())
         return
-    from imagenet_resnet.finetune import read_state_dict
-
     try:
-        net.load_state_dict(read_state_dict(weights_file))
+        net.load_state_dict(read_weights(weights_file))
     except RuntimeError as err:
         raise UserError(f"{weights_file}: does not fit --arch's network ({str(err).splitlines()[0]})") from err
 
@@ -137,9 +140,11 @@ def _timm(source: str, name: str, weights_file: Path | None = None) -> Published
     except (OSError, RuntimeError, ValueError) as err:  # offline, not cached, no such tag
         from huggingface_hub.constants import HF_HUB_CACHE
 
-        raise UserError(f"{source}: could not load timm's weights ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                        f"on a machine with network run python -c \"import timm; timm.create_model('{name}', "
-                        f"pretrained=True)\" and copy {HF_HUB_CACHE}/models--timm--{name} here") from err
+        raise UserError(
+            f"{source}: could not load timm's weights ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"on a machine with network run python -c \"import timm; timm.create_model('{name}', "
+            f'pretrained=True)" and copy {HF_HUB_CACHE}/models--timm--{name} here'
+        ) from err
     if weights_file is not None:
         _load(net, weights_file, dict)
     if net.num_classes != IMAGENET_CLASSES:
@@ -160,12 +165,11 @@ def imagenet_wnids() -> list[str]:
 
 def output_index(root: Path) -> list[int]:
     """For each label of the prepared set (its synsets.txt), the weights' output of that WNID."""
-    text = (root / "synsets.txt").read_text()
-    wnids = [m[1] for m in re.finditer(r"^\d+ (n\d{8})(?: |$)", text, re.MULTILINE)]
+    wnids = [wnid for wnid, _ in read_synsets(root)]
     order = {wnid: i for i, wnid in enumerate(imagenet_wnids())}
     outside = [wnid for wnid in wnids if wnid not in order]
     if outside:
-        raise UserError(f"{root / 'synsets.txt'}: {len(outside)} class(es) not among ImageNet-1k's 1000 "
+        raise UserError(f"{root / SYNSETS}: {len(outside)} class(es) not among ImageNet-1k's 1000 "
                         f"({', '.join(outside[:5])}{' ...' if len(outside) > 5 else ''}): published ImageNet-1k "
                         f"weights cannot score them")
     return [order[wnid] for wnid in wnids]
@@ -193,9 +197,7 @@ class PILImages(Dataset):
 
 def published_batches(published: Published, root: Path, device: torch.device, workers: int, batch_size: int = 64):
     """Every prepared val image through the weights' own transform, its label as the weights'
-    output index: (images, labels) batches on `device`, for the trainer's `evaluate`."""
-    from imagenet_resnet.data import read_samples
-
+    output index: (images, labels) batches on `device`, for `evaluation.evaluate`."""
     samples, _ = read_samples(root, "imagenet")
     outputs = torch.tensor(output_index(root), device=device)
     loader = DataLoader(PILImages(root / "val", samples["val"], published.transform), batch_size=batch_size,

@@ -1,8 +1,8 @@
 """Benchmarks behind docs/BENCHMARKS.md: model step, loaders, end to end, recipes, CIFAR epoch, data_prep.
 
-    python -m imagenet_resnet.bench --out bench                  # all this machine can run
-    python -m imagenet_resnet.bench --out bench --only model,prep --quick
-    python -m imagenet_resnet.bench --out bench/r50 --only model --models resnet50
+    python -m benchmarks.bench --out bench                  # all this machine can run
+    python -m benchmarks.bench --out bench --only model,prep --quick
+    python -m benchmarks.bench --out bench/r50 --only model --models resnet50
 
 Every figure goes to <out>/results.json and <out>/results.md with the device, software versions,
 command and date. Without a GPU, the GPU-only configurations are listed as skipped and the rest
@@ -11,6 +11,7 @@ run at sizes a CPU finishes in minutes (marked in the notes).
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -28,11 +29,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from data_prep.devkit import read_devkit
+from data_prep.generate import generate, generate_cifar
 from imagenet_resnet.cli import command, run_main
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data import build_loaders
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.files import write_atomic
+from imagenet_resnet.layout import DEVKIT, TRAIN_TAR, VAL_TAR
 from imagenet_resnet.metrics import read_metrics
 from imagenet_resnet.models import build_model, list_models
 from imagenet_resnet.optim import build_optimizer
@@ -68,7 +73,7 @@ def environment() -> dict[str, str]:
 
     return {"device": device, "torch": torch.__version__, "torchvision": torchvision.__version__, "dali": dali,
             "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(["python -m imagenet_resnet.bench", *sys.argv[1:]])}
+            "command": " ".join(["python -m benchmarks.bench", *sys.argv[1:]])}
 
 
 def timed(fn: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
@@ -101,6 +106,13 @@ def train_step_fn(model: nn.Module, optimizer, images, labels, bf16: bool) -> Ca
     return step
 
 
+def reference_speed(name: str, images: torch.Tensor, labels: torch.Tensor, steps: int, device: torch.device) -> float:
+    """Images/s of pytorch/examples' step: torchvision-style model, fp32, NCHW, plain SGD."""
+    model = build_model(name, 1000, zero_init_residual=False).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return len(images) * steps / timed(train_step_fn(model, optimizer, images, labels, False), 2, steps, device)
+
+
 def bench_model(device: torch.device, names: list[str], out: Path) -> list[Record]:
     """Reference step vs ours in each variant; then a profile of our fastest variant per model."""
     cuda = device.type == "cuda"
@@ -114,13 +126,9 @@ def bench_model(device: torch.device, names: list[str], out: Path) -> list[Recor
         for batch in batches:
             images = torch.randn(batch, 3, size, size, device=device)
             labels = torch.randint(0, 1000, (batch,), device=device)
-            # Reference: pytorch/examples' step (torchvision-style model, fp32, NCHW, plain SGD).
-            ref_model = build_model(name, 1000, zero_init_residual=False).to(device)
-            ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-            reference = batch * steps / timed(train_step_fn(ref_model, ref_opt, images, labels, False), 2, steps, device)
+            reference = reference_speed(name, images, labels, steps, device)
             records.append(Record("model", f"{name} b{batch} reference fp32 NCHW", reference, "images/s",
                                   f"{size}px; pytorch/examples step"))
-            del ref_model, ref_opt
             for precision, channels_last, compiled in variants:
                 label = f"{name} b{batch} ours {precision}{' channels_last' if channels_last else ''}" \
                         f"{' compile' if compiled else ''}"
@@ -133,7 +141,9 @@ def bench_model(device: torch.device, names: list[str], out: Path) -> list[Recor
                 net = torch.compile(model) if compiled else model
                 step = train_step_fn(net, opt, images.contiguous(memory_format=fmt), labels, precision == "bf16")
                 speed = batch * steps / timed(step, 10 if compiled else 3, steps, device)
-                records.append(Record("model", label, speed, "images/s", f"{size}px; {speed / reference:.2f}x reference"))
+                records.append(
+                    Record("model", label, speed, "images/s", f"{size}px; {speed / reference:.2f}x reference")
+                )
                 if batch == batches[-1] and (fastest is None or speed > fastest[0]):
                     fastest = (speed, label, step)  # keeps this model alive until profiled
                 del model, opt, net, step
@@ -149,7 +159,10 @@ OP_KINDS = (
     ("optimizer", re.compile(r"sgd|foreach|multi_tensor|Optimizer", re.I)),
     ("batch norm", re.compile(r"batch_norm|batchnorm|bn_fw|bn_bw|welford", re.I)),
     ("convolution / matmul", re.compile(r"conv|gemm|xmma|implicit|addmm|^aten::mm|cutlass|sm\d\d_|wgrad|dgrad", re.I)),
-    ("elementwise / activation / pooling", re.compile(r"elementwise|relu|threshold|add|mul|pool|triton|vectorized|copy|fill|where|clamp", re.I)),
+    (
+        "elementwise / activation / pooling",
+        re.compile(r"elementwise|relu|threshold|add|mul|pool|triton|vectorized|copy|fill|where|clamp", re.I),
+    ),
 )
 
 
@@ -184,7 +197,9 @@ def profile_step(step: Callable[[], None], device: torch.device, step_s: float, 
     model = label.split()[0]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"profile_{model}.txt").write_text(f"{label}, {steps} steps\n" + events.table(sort_by=sort_by, row_limit=25))
-    records = [Record("profile", f"{label}: {kind}", share, unit, f"profile_{model}.txt") for kind, share in shares.items()]
+    records = [
+        Record("profile", f"{label}: {kind}", share, unit, f"profile_{model}.txt") for kind, share in shares.items()
+    ]
     if cuda:
         busy = 100 * total / 1e6 / steps / step_s  # profiler times are in microseconds
         records.append(Record("profile", f"{label}: GPU busy", busy, "% of step time",
@@ -196,8 +211,6 @@ def profile_step(step: Callable[[], None], device: torch.device, step_s: float, 
 
 
 def prepared_folder(work: Path, classes: int, per_class: int) -> Path:
-    from data_prep.generate import generate
-
     dest = work / "imagenet"
     if (dest / "COMPLETE").exists():
         return dest
@@ -303,12 +316,27 @@ def bench_e2e(device: torch.device, quick: bool, work: Path) -> list[Record]:
             return last["images_per_sec"], (f"{size}px, batch {batch}/process, {' '.join(extra) or 'no compile'}; "
                                             f"data wait {100 * last['data_wait_fraction']:.0f}% of step time")
 
-        records += trainer_records("e2e", f"{model} {loader}{' compile' if extra else ''}", "configs/imagenet_resnet50.yaml",
-                                   work / f"e2e_{loader}{len(extra)}", [
-            f"model.name={model}", f"data.root={root}", f"data.dataset={dataset}", f"data.loader={loader}",
-            f"data.image_size={size}", f"data.batch_size={batch}", f"data.workers={os.cpu_count()}",
-            f"schedule.epochs={3 if cuda else 2}", "schedule.warmup_epochs=0", "run.checkpoint_every_steps=0", *extra],
-            value, "images/s")
+        records += trainer_records(
+            "e2e",
+            f"{model} {loader}{' compile' if extra else ''}",
+            "configs/imagenet_resnet50.yaml",
+            work / f"e2e_{loader}{len(extra)}",
+            [
+                f"model.name={model}",
+                f"data.root={root}",
+                f"data.dataset={dataset}",
+                f"data.loader={loader}",
+                f"data.image_size={size}",
+                f"data.batch_size={batch}",
+                f"data.workers={os.cpu_count()}",
+                f"schedule.epochs={3 if cuda else 2}",
+                "schedule.warmup_epochs=0",
+                "run.checkpoint_every_steps=0",
+                *extra,
+            ],
+            value,
+            "images/s",
+        )
     return records
 
 
@@ -344,8 +372,6 @@ def bench_recipes(device: torch.device, quick: bool, work: Path) -> list[Record]
 
 
 def bench_cifar(device: torch.device, quick: bool, work: Path) -> list[Record]:
-    from data_prep.generate import generate_cifar
-
     cuda = device.type == "cuda"
     per_class = 5000 if cuda and not quick else 200
     images = per_class * 10
@@ -357,8 +383,10 @@ def bench_cifar(device: torch.device, quick: bool, work: Path) -> list[Record]:
     records = []
     for label, extra in runs:
         def value(last: dict) -> tuple[float, str]:
-            return 50_000 / last["images_per_sec"], (f"measured on {images} images: {last['images_per_sec']:.0f} images/s"
-                                                      + ("" if images == 50_000 else "; scaled to 50k"))
+            return 50_000 / last["images_per_sec"], (
+                f"measured on {images} images: {last['images_per_sec']:.0f} images/s"
+                + ("" if images == 50_000 else "; scaled to 50k")
+            )
 
         records += trainer_records("cifar", f"cifar_resnet56 epoch, device loader, batch 128, {label}",
                                    "configs/cifar10_resnet56.yaml", work / f"cifar_{len(extra)}",
@@ -381,23 +409,20 @@ cd "$DEST/val" && bash "$VALPREP"
 
 
 def bench_prep(quick: bool, work: Path) -> list[Record]:
-    from data_prep.devkit import read_devkit
-    from data_prep.layout import DEVKIT, TRAIN_TAR, VAL_TAR
-    from data_prep.generate import generate
-
-    src = generate(work / "prep_archives", classes=16 if quick else 100, train_per_class=(20, 20) if quick else (100, 100),
-                   val_per_class=5, size=(500, 375), quality=90)
+    src = generate(
+        work / "prep_archives",
+        classes=16 if quick else 100,
+        train_per_class=(20, 20) if quick else (100, 100),
+        val_per_class=5,
+        size=(500, 375),
+        quality=90,
+    )
     total = sum(p.stat().st_size for p in src.iterdir())
     kit = read_devkit(src / DEVKIT)
     valprep = work / "valprep.sh"  # the classic valprep.sh: one mkdir + mv per image
     valprep.write_text("".join(f"mkdir -p {w}\nmv {name} {w}/\n" for name, w in sorted(kit.val_wnids.items())))
 
-    def run(cmd: list[str], env: dict[str, str] | None = None) -> float:
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=dict(os.environ, **(env or {})), cwd=REPO, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        return time.perf_counter() - start
-
+    run = run_timed
     workers = str(os.cpu_count())
     ours = run(["bash", "data_prep/prepare_imagenet.sh", str(src), str(work / "prep_ours")],
                {"PYTHON": sys.executable, "WORKERS": workers})
@@ -407,11 +432,24 @@ def bench_prep(quick: bool, work: Path) -> list[Record]:
     extract = sum(run([sys.executable, "-m", "data_prep.extract", "--split", split, "--archive", str(src / name),
                        "--dest", str(phase), "--workers", workers])
                   for split, name in (("train", TRAIN_TAR), ("val", VAL_TAR)))
-    serial = run(["bash", "-c", SERIAL_RECIPE], {"SRC": str(src), "DEST": str(work / "prep_serial"), "VALPREP": str(valprep)})
+    serial = run(
+        ["bash", "-c", SERIAL_RECIPE], {"SRC": str(src), "DEST": str(work / "prep_serial"), "VALPREP": str(valprep)}
+    )
     floor_dir = work / "prep_floor"
     floor_dir.mkdir()
     floor = run(["bash", "-c", f"for f in {src}/*.tar; do cp \"$f\" {floor_dir}/; done"])
-    mb = total / 1e6
+    return prep_records(total / 1e6, ours, extract, serial, floor)
+
+
+def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    """Seconds `cmd` takes, run from the repository with `env` added."""
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=dict(os.environ, **(env or {})), cwd=REPO, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def prep_records(mb: float, ours: float, extract: float, serial: float, floor: float) -> list[Record]:
     note = f"{mb:.0f} MB of archives, {os.cpu_count()} cores, files in page cache"
     return [
         Record("prep", "make prepare-imagenet, whole command (extract + convert + lists + verify)", mb / ours, "MB/s",
@@ -434,52 +472,57 @@ def markdown(env: dict[str, str], records: list[Record]) -> str:
         if not rows:
             continue
         lines += [f"### {section}", "", "| benchmark | value | unit | notes |", "|---|---:|---|---|"]
-        lines += [f"| {r.name} | {'-' if r.value is None else f'{r.value:,.1f}'} | {r.unit} | {r.notes} |" for r in rows]
+        lines += [
+            f"| {r.name} | {'-' if r.value is None else f'{r.value:,.1f}'} | {r.unit} | {r.notes} |" for r in rows
+        ]
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
+    a = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment()
+    records: list[Record] = []
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    try:
+        for section in a.only.split(","):
+            print(f"bench: {section} ...", flush=True)
+            records += run_section(section, device, a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(a.out / "results.json", json.dumps({"environment": env, "records": [asdict(r) for r in records]},
+                                                    indent=1))
+    table = markdown(env, records)
+    write_atomic(a.out / "results.md", table)
+    print(table)
+
+
+def run_section(section: str, device: torch.device, a: argparse.Namespace, work: Path) -> list[Record]:
+    if section == "model":
+        return bench_model(device, ["resnet18"] if a.quick else a.models.split(","), a.out)
+    if section == "prep":
+        return bench_prep(a.quick, work)
+    runner = {"loader": bench_loader, "e2e": bench_e2e, "recipes": bench_recipes, "cifar": bench_cifar}[section]
+    return runner(device, a.quick, work)
+
+
+def parse_args() -> argparse.Namespace:
     p = command(__spec__.name, "Measure throughput; write JSON and a Markdown table.")
     p.add_argument("--out", type=Path, default=Path("bench"), help="folder for results.json and the Markdown table")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--quick", action="store_true", help="smallest sizes (for the test suite)")
     p.add_argument("--models", default="resnet18,resnet50,seresnet50", help="models of the model section")
     a = p.parse_args()
-    sections = a.only.split(",")
-    unknown = [s for s in sections if s not in SECTIONS] + [m for m in a.models.split(",") if m not in list_models()]
+    unknown = [s for s in a.only.split(",") if s not in SECTIONS]
+    unknown += [m for m in a.models.split(",") if m not in list_models()]
     if unknown:
         raise UserError(f"--only/--models: unknown {', '.join(unknown)}; sections: {', '.join(SECTIONS)}; "
                         f"models: see imagenet_resnet.models.list_models()")
     if a.out.exists() and not a.out.is_dir():
         raise UserError(f"--out {a.out}: exists and is not a folder")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = environment()
-    records: list[Record] = []
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
-    try:
-        for section in sections:
-            print(f"bench: {section} ...", flush=True)
-            if section == "model":
-                records += bench_model(device, ["resnet18"] if a.quick else a.models.split(","), a.out)
-            elif section == "loader":
-                records += bench_loader(device, a.quick, work)
-            elif section == "e2e":
-                records += bench_e2e(device, a.quick, work)
-            elif section == "recipes":
-                records += bench_recipes(device, a.quick, work)
-            elif section == "cifar":
-                records += bench_cifar(device, a.quick, work)
-            else:
-                records += bench_prep(a.quick, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "results.json").write_text(json.dumps({"environment": env, "records": [asdict(r) for r in records]},
-                                                   indent=1))
-    table = markdown(env, records)
-    (a.out / "results.md").write_text(table)
-    print(table)
+    return a
 
 
 if __name__ == "__main__":

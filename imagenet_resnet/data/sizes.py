@@ -1,0 +1,25 @@
+"""The image sizes of each epoch: the train crop (progressive resizing) and the evaluation crop.
+
+    train_image_size(cfg.data, epoch=3)      # 160 on FFCV's ramp from 160 to 192
+    val_image_size(cfg.data)                 # data.val_image_size, or data.image_size
+"""
+
+from __future__ import annotations
+
+from imagenet_resnet.config import DataConfig
+
+
+def train_image_size(data: DataConfig, epoch: int) -> int:
+    """The train crop of `epoch`: progressive resizing as FFCV does it (start size until the ramp's
+    first epoch, then linear in the epoch, rounded to a multiple of 32 px, full size from its last)."""
+    start_size, (first, last) = data.start_image_size, data.resize_ramp_epochs
+    if not start_size or epoch >= last:
+        return data.image_size
+    if epoch <= first:
+        return start_size
+    size = start_size + (data.image_size - start_size) * (epoch - first) / (last - first)
+    return min(max(round(size / 32) * 32, start_size), data.image_size)
+
+
+def val_image_size(data: DataConfig) -> int:
+    return data.val_image_size or data.image_size
