@@ -40,6 +40,7 @@ import torch
 from imagenet_resnet.cli import command, existing_file, run_main
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.files import replacing, write_atomic, write_synced
+from imagenet_resnet.unpickle import numpy_reconstruct
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -179,18 +180,10 @@ def safe_load(path: Path, what: str = "checkpoint") -> Any:
         raise UserError(f"{path}: unreadable {what} ({type(err).__name__}: {str(err).splitlines()[0]})") from err
 
 
-def _numpy_reconstruct() -> Any:
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
 def _old_rng_globals() -> list[Any]:
     """What an older checkpoint's NumPy RNG state (a uint32 array) unpickles with, and nothing else.
     NumPy 1.x wrote `numpy.core`, 2.x writes `numpy._core`: the same function under both names."""
-    reconstruct = _numpy_reconstruct()
+    reconstruct = numpy_reconstruct()
     return [(reconstruct, "numpy._core.multiarray._reconstruct"), (reconstruct, "numpy.core.multiarray._reconstruct"),
             np.ndarray, np.dtype, np.dtypes.UInt32DType]
 

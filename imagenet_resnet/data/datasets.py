@@ -20,6 +20,7 @@ import torch
 from imagenet_resnet.config import Config
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.layout import COMPLETE_MARKER
+from imagenet_resnet.unpickle import load_restricted
 
 SYNSETS = "synsets.txt"  # prepare-imagenet's class list: "<label> <wnid> <words>" per line
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,8 +86,7 @@ def read_cifar(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tens
         images, labels = [], []
         for name in names:
             try:
-                with open(folder / name, "rb") as f:
-                    batch = pickle.load(f, encoding="latin1")
+                batch = load_restricted(folder / name, f"{dataset} batch file")
                 images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(batch[label_key])
             except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
@@ -136,8 +136,7 @@ def class_names(cfg: Config) -> list[str]:
     if dataset in CIFAR_META:
         name, key = CIFAR_META[dataset]
         try:
-            with open(root / CIFAR_FOLDERS[dataset] / name, "rb") as f:
-                return [str(n) for n in pickle.load(f, encoding="latin1")[key]]
+            return [str(n) for n in load_restricted(root / CIFAR_FOLDERS[dataset] / name, f"{dataset} meta file")[key]]
         except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
             return [str(i) for i in range(SMALL_DATASETS[dataset].classes)]
     if dataset == "imagenet":

@@ -1,0 +1,84 @@
+"""No data file runs code (issue 34): CIFAR's pickles are read by a restricted unpickler that builds
+plain values and NumPy arrays only, and refuses anything else in one line naming the file and the
+global, before any of it runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_module
+from imagenet_resnet.config import load_config
+from imagenet_resnet.data.datasets import class_names, read_cifar
+from imagenet_resnet.errors import UserError
+from test_integrity import one_error_line
+
+
+class Payload:
+    """Unpickling this calls os.system: a marker file appears only if the load ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def hostile_copy(cifar_root: Path, tmp_path: Path, name: str, replace) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(cifar_root, root)
+    path = root / "cifar-10-batches-py" / name
+    with open(path, "rb") as f:
+        content = pickle.load(f, encoding="latin1")
+    with open(path, "wb") as f:
+        pickle.dump(replace(content), f, protocol=2)
+    return root
+
+
+@pytest.mark.parametrize("name", ["data_batch_1", "batches.meta"])
+def test_a_cifar_file_whose_pickle_runs_code_is_refused_and_nothing_runs(cifar_root, tmp_path, name):
+    marker = tmp_path / "marker"
+    root = hostile_copy(cifar_root, tmp_path, name, lambda content: {**content, "extra": Payload(marker)})
+    cfg = load_config("configs/cifar10_resnet20.yaml", [f"data.root={root}", "data.download=never"])
+    read = read_cifar if name.startswith("data_batch") else lambda root, _: class_names(cfg)
+    with pytest.raises(UserError, match=f"{name}: refused: .* would call posix.system.*nothing from it was run"):
+        read(root, "cifar10")
+    assert not marker.exists()
+
+
+def test_training_on_a_hostile_cifar_folder_stops_in_one_line_before_it_runs_anything(cifar_root, tmp_path):
+    marker = tmp_path / "marker"
+    root = hostile_copy(cifar_root, tmp_path, "data_batch_1", lambda content: {**content, "x": Payload(marker)})
+    proc = run_module("imagenet_resnet.train", "--config", "configs/cifar10_resnet20.yaml", f"data.root={root}",
+                      "data.download=never", f"run.out_dir={tmp_path / 'run'}", "wandb.mode=disabled", check=False)
+    one_error_line(proc, "data_batch_1", "refused", "posix.system")
+    assert not marker.exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_the_released_format_still_loads_bytes_and_arrays_at_protocol_2(cifar_root, tmp_path):
+    """What CIFAR's release holds, as pickle.dump writes it at protocol 2 from Python 3: bytes go
+    through _codecs.encode, the array through NumPy's _reconstruct."""
+    def released(content):
+        return {"batch_label": b"training batch 1 of 5", "labels": list(content["labels"]),
+                "data": np.asarray(content["data"], dtype=np.uint8),
+                "filenames": [name.encode() for name in content["filenames"]]}
+    root = hostile_copy(cifar_root, tmp_path, "data_batch_1", released)
+    train_x, train_y, _, _ = read_cifar(root, "cifar10")
+    expected_x, expected_y, _, _ = read_cifar(cifar_root, "cifar10")
+    assert (train_x == expected_x).all() and (train_y == expected_y).all()
+
+
+def test_a_codec_other_than_latin1_is_refused(cifar_root, tmp_path):
+    class OtherCodec:
+        def __reduce__(self):
+            import _codecs
+            return _codecs.encode, ("abc", "rot13")
+
+    root = hostile_copy(cifar_root, tmp_path, "data_batch_1", lambda content: {**content, "x": OtherCodec()})
+    with pytest.raises(UserError, match="not a cifar10 batch file.*rot13"):
+        read_cifar(root, "cifar10")
