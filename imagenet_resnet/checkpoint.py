@@ -2,7 +2,7 @@
 kill at any moment.
 
 `Checkpoint` is the saved state as fields: training builds one and `save`s it; resume, evaluate,
-predict, export and `upgrade` read one back through `load_checkpoint`. `save_atomic` writes a
+predict, export and `upgrade` read one back through `load_checkpoint`. `save` writes a
 temporary file, fsyncs it, moves the old file aside as `<name>.prev` and renames the new one
 into place: at every instant one complete checkpoint exists, and a write that fails (disk full,
 folder gone) leaves the previous one as it was.
@@ -14,7 +14,7 @@ values only (RNG states included), so a file that would run code when unpickled 
 Checkpoints written before that rule (NumPy RNG state inside) are converted once by `upgrade`,
 which also runs no code from the file:
 
-    save(checkpoint, out_dir, best=True)               # last.pt, and best.pt linked to it
+    save(checkpoint, out_dir, best=True)               # last.pt and best.pt, each a complete file
     saved, path = load_latest(out_dir)                # (None, None) when nothing was saved yet
     restore_rng(saved.rng[rank])
     python -m imagenet_resnet.checkpoint upgrade runs/x/last.pt   # an older checkpoint, in place
@@ -99,18 +99,11 @@ class Checkpoint:
 
 
 def save(checkpoint: Checkpoint, out_dir: Path, best: bool = False) -> None:
-    """last.pt (the previous one kept as last.pt.prev) and, if `best`, best.pt as a hard link to it
-    (a copy where the filesystem has no links): one serialisation, one write."""
-    save_atomic(checkpoint.to_state(), out_dir / LAST)
-    if best:
-        try:
-            with replacing(out_dir / BEST) as partial:
-                try:
-                    os.link(out_dir / LAST, partial)
-                except OSError:
-                    write_synced(partial, (out_dir / LAST).read_bytes())
-        except OSError as err:
-            raise UserError(f"{out_dir}: could not write checkpoint {BEST} ({err.strerror or err})") from err
+    """last.pt and, if `best`, best.pt (each keeping its previous file as .prev): one serialisation."""
+    data = io.BytesIO()
+    torch.save(checkpoint.to_state(), data)  # in memory first: a failed write then raises OSError with its cause
+    for name in (LAST, BEST) if best else (LAST,):
+        write_checkpoint(data, out_dir / name)
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -147,14 +140,12 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
+def write_checkpoint(data: io.BytesIO, path: Path) -> None:
     """Write to a temporary file, fsync, keep the previous file as .prev, rename into place.
 
     A failed write removes the temporary file and raises UserError naming the folder and the
     cause; `path` is then still the previous, complete checkpoint.
     """
-    data = io.BytesIO()
-    torch.save(state, data)  # in memory first: a failed write then raises OSError with its cause
     try:
         write_atomic(path, data.getbuffer(), previous=".prev")
     except OSError as err:

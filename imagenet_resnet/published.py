@@ -20,11 +20,14 @@ i-th of the 1000 (n01440764 first, timm's ImageNetInfo), so a prepared subset is
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from huggingface_hub.constants import HF_HUB_CACHE
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -111,8 +114,15 @@ def _hub_state_dict(source: str, url: str, progress: bool) -> dict[str, torch.Te
         reason = getattr(err, "reason", err)
         raise UserError(f"{source}: not in torch hub's cache and could not download {url} ({reason}); "
                         f"fetch it on a machine with network and put it at {cached} (or set TORCH_HOME)") from err
-    except RuntimeError as err:  # a download whose hash does not match, a file that is not a checkpoint
-        raise UserError(f"{source}: {cached}: {str(err).splitlines()[0]}") from err
+    except pickle.UnpicklingError as err:  # weights_only refused what the pickle would call
+        raise UserError(f"{source}: {cached}: refused: {first_line(err)}; nothing from it was run. "
+                        f"Delete it to download the published file again") from err
+    except (RuntimeError, EOFError) as err:  # a hash that does not match, a truncated or foreign file
+        raise UserError(f"{source}: {cached}: {first_line(err)}; delete it to download again") from err
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load(net: nn.Module, weights_file: Path | None, fetch: Callable[[], dict]) -> None:
@@ -137,14 +147,14 @@ def _timm(source: str, name: str, weights_file: Path | None = None) -> Published
         raise UserError(f"{source}: timm has no model {name.split('.')[0]!r}")
     try:
         net = timm.create_model(name, pretrained=weights_file is None)
-    except (OSError, RuntimeError, ValueError) as err:  # offline, not cached, no such tag
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        raise UserError(
-            f"{source}: could not load timm's weights ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-            f"on a machine with network run python -c \"import timm; timm.create_model('{name}', "
-            f'pretrained=True)" and copy {HF_HUB_CACHE}/models--timm--{name} here'
-        ) from err
+    except (pickle.UnpicklingError, RuntimeError) as err:
+        if "weights_only" not in str(err):
+            raise UserError(_timm_unavailable(source, name, err)) from err
+        # a cached pytorch_model.bin whose pickle would call more than tensors need (timm loads weights-only)
+        raise UserError(f"{source}: refused timm's cached weights: {first_line(err)[:200]}; nothing from them was "
+                        f"run. Delete {HF_HUB_CACHE}/models--timm--{name} to download them again") from err
+    except (OSError, ValueError, EOFError, SafetensorError) as err:  # offline, not cached, no such tag, damaged
+        raise UserError(_timm_unavailable(source, name, err)) from err
     if weights_file is not None:
         _load(net, weights_file, dict)
     if net.num_classes != IMAGENET_CLASSES:
@@ -154,6 +164,12 @@ def _timm(source: str, name: str, weights_file: Path | None = None) -> Published
     top1, top5 = TIMM_PUBLISHED.get(name, (None, None))
     return Published(source, net.eval(), create_transform(**data), top1, top5, math.floor(crop / data["crop_pct"]),
                      crop, data["interpolation"], tuple(data["mean"]), tuple(data["std"]))
+
+
+def _timm_unavailable(source: str, name: str, err: BaseException) -> str:
+    return (f"{source}: could not load timm's weights ({type(err).__name__}: {first_line(err)[:200]}); on a "
+            f"machine with network run python -c \"import timm; timm.create_model('{name}', pretrained=True)\" and "
+            f"copy {HF_HUB_CACHE}/models--timm--{name} here")
 
 
 def imagenet_wnids() -> list[str]:

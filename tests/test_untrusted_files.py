@@ -82,3 +82,57 @@ def test_a_codec_other_than_latin1_is_refused(cifar_root, tmp_path):
     root = hostile_copy(cifar_root, tmp_path, "data_batch_1", lambda content: {**content, "x": OtherCodec()})
     with pytest.raises(UserError, match="not a cifar10 batch file.*rot13"):
         read_cifar(root, "cifar10")
+
+
+# --- every other reader of a user's bytes: a crafted file, no marker, one line, exit 2 -----------
+
+
+class RunsCode:
+    """Unpickling this calls open(marker, "w"): the file appears only if the load ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_a_recipe_with_a_python_yaml_tag_is_refused_naming_the_file(tmp_path):
+    marker = tmp_path / "marker"
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(f"run:\n  seed: !!python/object/apply:os.system [\"touch {marker}\"]\n")
+    proc = run_module("imagenet_resnet.train", "--check-config", "--config", str(recipe), check=False)
+    one_error_line(proc, str(recipe), "not valid YAML")
+    assert not marker.exists()
+
+
+def test_a_crafted_file_in_torch_hubs_cache_is_refused_not_run(imagenet_root, tmp_path):
+    import torch
+    import torchvision
+
+    marker = tmp_path / "marker"
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / Path(url).name
+    cached.parent.mkdir(parents=True)
+    torch.save({"fc.bias": RunsCode(marker)}, cached)
+    proc = run_module("imagenet_resnet.evaluate", "--pretrained", "torchvision:resnet18.IMAGENET1K_V1",
+                      f"data.root={imagenet_root}", "data.workers=0", check=False,
+                      env={"TORCH_HOME": str(tmp_path / "torch")})
+    one_error_line(proc, str(cached), "refused", "nothing from it was run")
+    assert not marker.exists()
+
+
+def test_a_crafted_pickle_in_hugging_faces_cache_is_refused_not_run(imagenet_root, tmp_path):
+    import torch
+
+    marker = tmp_path / "marker"
+    snapshot = tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    torch.save({"fc.bias": RunsCode(marker)}, snapshot / "pytorch_model.bin")  # no safetensors: timm's fallback
+    proc = run_module("imagenet_resnet.evaluate", "--pretrained", "timm:resnet18.a1_in1k",
+                      f"data.root={imagenet_root}", "data.workers=0", check=False,
+                      env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    one_error_line(proc, "timm:resnet18.a1_in1k", "refused", "nothing from them was run")
+    assert not marker.exists()
