@@ -411,8 +411,8 @@ cd "$DEST/val" && bash "$VALPREP"
 def bench_prep(quick: bool, work: Path) -> list[Record]:
     src = generate(
         work / "prep_archives",
-        classes=16 if quick else 100,
-        train_per_class=(20, 20) if quick else (100, 100),
+        classes=6 if quick else 100,
+        train_per_class=(8, 8) if quick else (100, 100),
         val_per_class=5,
         size=(500, 375),
         quality=90,

@@ -1,7 +1,10 @@
-"""Command-line plumbing shared by the entry points: `--config FILE key=value ...`, clean errors.
+"""Command-line plumbing shared by the entry points and data_prep's tools: parsers whose usage
+names the command, `--config FILE key=value ...`, and clean errors. It imports nothing heavy:
+data_prep's tools start without torch.
 
     def main(argv=None):
-        args, cfg = parse(argv, "Train a model.")
+        args = parser(__spec__.name, "Train a model.").parse_args(argv)
+        cfg = load_config(args.config, args.overrides)
         ...
     if __name__ == "__main__":
         run_main(main)
@@ -14,7 +17,6 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from imagenet_resnet.config import Config, load_config
 from imagenet_resnet.errors import UserError
 
 
@@ -61,11 +63,6 @@ def parser(
     p.add_argument("--config", help=config_help)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. schedule.epochs=10")
     return p
-
-
-def parse(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
-    args = p.parse_args(argv)
-    return args, load_config(args.config, args.overrides)
 
 
 def run_main(main: Callable[[], None]) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from imagenet_resnet.checkpoint import Position
-from imagenet_resnet.cli import parse, parser, positive_int, run_main
-from imagenet_resnet.config import Config
+from imagenet_resnet.cli import parser, positive_int, run_main
+from imagenet_resnet.config import Config, load_config
 from imagenet_resnet.data import count_images
 from imagenet_resnet.distributed import collective_timed_out, init_distributed, laggards, main_only, shutdown
 from imagenet_resnet.errors import UserError
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-folder-check", action="store_true",
                    help="with --check-config: leave run.out_dir's lease alone (multi-node launches, where rank 0 "
                         "of the same job may hold it already)")
-    args, cfg = parse(p, argv)
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
     if args.check_config:
         check(cfg, args.nproc or int(os.environ.get("WORLD_SIZE", 1)), folder=not args.no_folder_check)
         return

@@ -6,12 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from filelock import FileLock
 
-from data_prep.generate import generate_cifar
+from data_prep.generate import generate, generate_cifar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,23 +52,42 @@ def resumed_after(make_loader: Callable[[], Any], epoch: int, steps: int) -> lis
     return list(resumed)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)` once per test run, shared by every pytest-xdist worker: the first to get here
+    builds it under a lock, the others wait and reuse it. Tests must not change what it holds."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent  # this run's folder, above each worker's own
+    with FileLock(shared / f"{name}.lock"):
+        done = shared / f"{name}.path"
+        if not done.exists():
+            done.write_text(str(build(Path(tempfile.mkdtemp(prefix=f"{name}-", dir=shared)))))
+        return Path(done.read_text())
+
+
+def prepare(src: Path, dest: Path) -> Path:
+    """make prepare-imagenet's script on generated archives."""
+    proc = subprocess.run(["bash", "data_prep/prepare_imagenet.sh", str(src), str(dest)], cwd=REPO,
+                          env=dict(cli_env(), PYTHON=sys.executable, WORKERS="2"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return dest
+
+
 @pytest.fixture(scope="session")
 def cifar_root(tmp_path_factory) -> Path:
-    return generate_cifar(tmp_path_factory.mktemp("cifar"), "cifar10", train_per_class=60, val_per_class=11)
+    return built_once(tmp_path_factory, "cifar",
+                      lambda folder: generate_cifar(folder, "cifar10", train_per_class=60, val_per_class=11))
 
 
 @pytest.fixture(scope="session")
 def imagenet_root(tmp_path_factory) -> Path:
     """A prepared ImageNet-layout folder: 7 classes, 21 val images (odd, so shards are uneven)."""
-    from data_prep.generate import generate
+    def build(folder: Path) -> Path:
+        src = generate(folder / "archives", classes=7, train_per_class=(14, 18), val_per_class=3, size=(48, 40),
+                       seed=5)
+        return prepare(src, folder / "prepared" / "imagenet")
 
-    src = generate(tmp_path_factory.mktemp("archives"), classes=7, train_per_class=(14, 18), val_per_class=3,
-                   size=(48, 40), seed=5)
-    dest = tmp_path_factory.mktemp("prepared") / "imagenet"
-    proc = subprocess.run(["bash", "data_prep/prepare_imagenet.sh", str(src), str(dest)], cwd=REPO,
-                          env=dict(cli_env(), PYTHON=sys.executable, WORKERS="2"), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return dest
+    return built_once(tmp_path_factory, "imagenet", build)
 
 
 @pytest.fixture

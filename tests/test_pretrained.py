@@ -16,25 +16,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, cli_env
+from conftest import REPO, built_once, cli_env, prepare
+from data_prep.generate import generate
 from imagenet_resnet.published import diagnosis, imagenet_wnids
 
 SOURCE = "torchvision:resnet18.IMAGENET1K_V1"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def subset(tmp_path_factory) -> Path:
     """A prepared set of 6 real ImageNet-1k classes that are not the first 6 (outputs 10, 100, ...)."""
-    from data_prep.generate import generate
+    def build(folder: Path) -> Path:
+        wnids = [imagenet_wnids()[i] for i in (10, 100, 207, 500, 817, 999)]
+        src = generate(folder / "archives", train_per_class=(2, 3), val_per_class=3, size=(64, 56), seed=3,
+                       plant_problems=False, wnids=wnids)
+        return prepare(src, folder / "prepared" / "imagenet")
 
-    wnids = [imagenet_wnids()[i] for i in (10, 100, 207, 500, 817, 999)]
-    src = generate(tmp_path_factory.mktemp("archives"), train_per_class=(2, 3), val_per_class=3, size=(64, 56),
-                   seed=3, plant_problems=False, wnids=wnids)
-    dest = tmp_path_factory.mktemp("prepared") / "imagenet"
-    proc = subprocess.run(["bash", "data_prep/prepare_imagenet.sh", str(src), str(dest)], cwd=REPO,
-                          env=dict(cli_env(), PYTHON=sys.executable, WORKERS="2"), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return dest
+    return built_once(tmp_path_factory, "subset", build)
 
 
 def colour_resnet18() -> torch.nn.Module:
@@ -58,8 +56,12 @@ def colour_resnet18() -> torch.nn.Module:
     return net.eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def torch_home(subset, tmp_path_factory) -> Path:
+    return built_once(tmp_path_factory, "torch_home", lambda home: colour_hub_cache(subset, home))
+
+
+def colour_hub_cache(subset: Path, home: Path) -> Path:
     """torch hub's cache holding the colour ResNet-18 under the file name torchvision's URL gives,
     its fc a nearest-centroid classifier over the subset's classes, centroids from its val images."""
     import torchvision
@@ -80,7 +82,6 @@ def torch_home(subset, tmp_path_factory) -> Path:
         fc.weight.data[out] = 2 * centre
         fc.bias.data[out] = -centre.square().sum()
     net.fc = fc
-    home = tmp_path_factory.mktemp("torch_home")
     (home / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(net.state_dict(), home / "hub" / "checkpoints" / Path(weights.url).name)
     return home
