@@ -33,6 +33,7 @@ from data_prep import devkit as devkit_mod
 from imagenet_resnet.cli import command, existing_file, positive_int, run_main
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.files import write_atomic
+from imagenet_resnet.layout import MAX_IMAGE_PIXELS
 
 WNID_TAR = re.compile(r"^(n\d{8})\.tar$")
 UNSAFE_CATEGORIES = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators
@@ -100,13 +101,16 @@ def problem(data: bytes) -> str | None:
     """Why a file needs re-encoding (not a JPEG, or not RGB/greyscale), or None."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # checked before anything decodes it
+                return (f"unreadable: {im.width} x {im.height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                        f"the loaders decode")
             if im.format != "JPEG":
                 return f"{im.format} named .JPEG"
             if im.mode not in ("RGB", "L"):
                 return f"{im.mode} JPEG"
     except UnidentifiedImageError:
         return "unreadable: not an image PIL can identify"
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         return f"unreadable: {err}"
     return None
 

@@ -205,6 +205,14 @@ def _check_ours(state: Any, path: Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else ["all"]
     if missing:
         raise UserError(f"{path}: not a checkpoint written by imagenet_resnet training (missing: {', '.join(missing)})")
+    kinds = {"model": dict, "optimizer": dict, "position": dict, "config": dict, "rng": list, "loader": list,
+             "train_sums": list, "num_classes": int, "world_size": int, "global_batch": int}
+    wrong = [key for key, kind in kinds.items() if not isinstance(state[key], kind)]
+    if not wrong and not all(isinstance(section, dict) for section in state["config"].values()):
+        wrong = ["config sections"]
+    if wrong:
+        raise UserError(f"{path}: not a checkpoint written by imagenet_resnet training ({', '.join(wrong)} "
+                        f"of the wrong kind)")
     return state
 
 

@@ -57,6 +57,10 @@ def _folder_or_absent(key: str, value: str) -> None:
     _require(key, value, not Path(value).exists() or Path(value).is_dir(), "exists and is not a folder")
 
 
+MAX_RAND_AUGMENT_OPS = 10  # timm's recipes use 2 or 3
+MAX_RAND_AUGMENT_MAGNITUDE = 30  # timm's scale is 0 to 10; beyond 30 the ops' parameters are meaningless
+
+
 def parse_rand_augment(config: str, hparams: dict):
     """timm's RandAugment object for data.auto_augment=`config`, or a UserError naming the key: the
     config is checked by building what the loaders will build."""
@@ -64,10 +68,17 @@ def parse_rand_augment(config: str, hparams: dict):
         raise UserError(f"config key data.auto_augment={config!r}: expected timm's RandAugment string, "
                         "e.g. rand-m9-mstd0.5-inc1 (sections m, n, p, mstd, mmax, inc)")
     try:
-        return rand_augment_transform(config, dict(hparams))
+        transform = rand_augment_transform(config, dict(hparams))
     except (AssertionError, ValueError, KeyError) as err:
         raise UserError(f"config key data.auto_augment={config!r}: timm does not read it "
                         f"({type(err).__name__}{': ' + str(err) if str(err) else ''})") from err
+    first = transform.ops[0]
+    _require("data.auto_augment", config, 1 <= transform.num_layers <= MAX_RAND_AUGMENT_OPS,
+             f"n{transform.num_layers}: expected 1 to {MAX_RAND_AUGMENT_OPS} ops per image")
+    for name, value in (("m", first.magnitude), ("mmax", first.magnitude_max or 10)):
+        _require("data.auto_augment", config, 0 <= value <= MAX_RAND_AUGMENT_MAGNITUDE,
+                 f"{name}{value:g}: expected 0 to {MAX_RAND_AUGMENT_MAGNITUDE} (timm's magnitudes are out of 10)")
+    return transform
 
 
 @dataclass
@@ -107,6 +118,7 @@ class DataConfig:
     # CIFAR-10/100, MNIST, Fashion-MNIST missing from data.root: auto downloads them (torchvision's
     # URLs and checksums), never stops with a message instead. ImageNet is never downloaded.
     download: str = "auto"
+    download_timeout_s: float = 60.0  # a download server silent this long (connecting or mid-file) is given up on
     batch_size: int = 128  # per process; the global batch is this x world size
     image_size: int = 32  # train crop and val centre crop, in pixels
     loader: str = "auto"  # auto | device (CIFAR, whole set on the device) | torchvision | dali
@@ -139,9 +151,10 @@ class DataConfig:
         _choice("data.loader", self.loader, ("auto", "device", "torchvision", "dali"))
         _require("data.root", self.root, bool(self.root), "must not be empty")
         _choice("data.download", self.download, ("auto", "never"))
+        _number("data.download_timeout_s", self.download_timeout_s, 1, 3600)
         _number("data.batch_size", self.batch_size, 1)
-        _require("data.workers", self.workers, self.workers == "auto" or (self.workers.isdigit() and
-                 int(self.workers) <= 256), "expected auto or a whole number of workers in [0, 256]")
+        _require("data.workers", self.workers, self.workers == "auto" or (re.fullmatch(r"[0-9]{1,3}", self.workers)
+                 is not None and int(self.workers) <= 256), "expected auto or a whole number of workers in [0, 256]")
         self._check_sizes()
         self._check_augmentation()
         self._check_for_dataset()
@@ -174,12 +187,12 @@ class DataConfig:
     def _check_for_dataset(self) -> None:
         """Keys of image-folder datasets stay at their defaults for the device-resident ones."""
         small = self.dataset in DEVICE_DATASETS
-        for key, default in (("start_image_size", 0), ("val_image_size", 0), ("val_crop_fraction", 0.875),
-                             ("auto_augment", ""), ("interpolation", "bilinear"), ("crop_min_area", 0.08),
-                             ("repeated_augmentation", 0)):
+        for key, default in (("image_size", 32), ("start_image_size", 0), ("val_image_size", 0),
+                             ("val_crop_fraction", 0.875), ("auto_augment", ""), ("interpolation", "bilinear"),
+                             ("crop_min_area", 0.08), ("repeated_augmentation", 0)):
             _require(f"data.{key}", getattr(self, key), not small or getattr(self, key) == default,
                      f"applies to data.dataset=imagenet or folder (the device loader of {self.dataset} "
-                     f"keeps the images at their own size)")
+                     f"keeps the images at their own size, and its own augmentation)")
         _require("data.loader", self.loader, self.loader in (("auto", "device") if small else
                                                              ("auto", "torchvision", "dali")),
                  f"data.dataset={self.dataset} uses "
@@ -313,7 +326,8 @@ class WandbConfig:
 
     def __post_init__(self) -> None:
         _choice("wandb.mode", self.mode, ("online", "offline", "disabled"))
-        _require("wandb.project", self.project, bool(self.project), "must not be empty")
+        _require("wandb.project", self.project, bool(self.project) and not set(self.project) & set("/\\#?%:"),
+                 "a non-empty name without / \\ # ? % : (wandb's rule)")
         _number("wandb.init_timeout_s", self.init_timeout_s, 0, 3600, low_open=True)
         _require("wandb.tags", self.tags, all(0 < len(tag) <= 64 for tag in self.tags),
                  "each tag 1 to 64 characters (wandb's limit)")

@@ -10,3 +10,6 @@ VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
 COMPLETE_MARKER = "COMPLETE"  # written last, only on success
 MANIFEST = "manifest.json"
+# The largest image any loader decodes: 8000 x 8000, about 200 MB as RGB. A file whose header
+# claims more (a decompression bomb, or a scan no ResNet needs) is refused, never decoded.
+MAX_IMAGE_PIXELS = 64_000_000

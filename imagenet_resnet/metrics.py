@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -44,13 +45,17 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError as err:
             if number == len(lines):
                 print(f"warning: {path}: line {number} is incomplete (interrupted write); ignored",
                       file=sys.stderr, flush=True)
                 break
             raise UserError(f"{path}: line {number} is not a JSON record ({err}); fix or remove that line") from err
+        if not (isinstance(record, dict) and type(record.get("epoch")) is int):
+            raise UserError(f"{path}: line {number} is not an epoch record (a JSON object with a whole-number "
+                            f"\"epoch\"): {line[:80]!r}; fix or remove that line")
+        records.append(record)
     return records
 
 
@@ -75,6 +80,18 @@ def wandb_mode(configured: str) -> str:
     return mode
 
 
+def saved_run_id(id_file: Path) -> str:
+    """The wandb run id a resumed run continues; UserError if the file holds none."""
+    try:
+        run_id = id_file.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        run_id = f"unreadable ({err})"
+    if not re.fullmatch(r"[a-z0-9]{1,64}", run_id):
+        raise UserError(f"{id_file}: not a wandb run id ({run_id[:40]!r}); remove the file to log the resumed run "
+                        f"as a new wandb run")
+    return run_id
+
+
 class RunLog:
     """metrics.jsonl plus wandb. Create it on rank 0 only: it is the one place for log side effects.
 
@@ -96,13 +113,13 @@ class RunLog:
         import wandb
 
         id_file = out_dir / WANDB_ID
-        run_id = id_file.read_text().strip() if resumed and id_file.exists() else secrets.token_hex(4)
+        run_id = saved_run_id(id_file) if resumed and id_file.exists() else secrets.token_hex(4)
         args = dict(project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=cfg.wandb.name or out_dir.name,
                     group=cfg.wandb.group or None, tags=cfg.wandb.tags or None, notes=cfg.wandb.notes or None,
                     dir=str(out_dir), resume="allow",  # same id after a restart: the same run continues
                     config=config_to_dict(cfg), settings=wandb.Settings(init_timeout=cfg.wandb.init_timeout_s))
         try:
-            id_file.write_text(run_id)
+            write_atomic(id_file, run_id)
             return wandb.init(mode=mode, id=run_id, **args)
         except Exception as err:  # no network, server down, bad key: training matters more than the dashboard
             if mode != "online":
@@ -111,7 +128,7 @@ class RunLog:
             print(f"warning: wandb could not start online ({first_line}); logging offline, sync later with "
                   f"`wandb sync {out_dir / 'wandb'}`", file=sys.stderr, flush=True)
             run_id = secrets.token_hex(4)  # the failed attempt keeps its id busy in wandb's service
-            id_file.write_text(run_id)
+            write_atomic(id_file, run_id)
             return wandb.init(mode="offline", id=run_id, **args)
 
     def step(self, global_step: int, values: dict[str, float]) -> None:

@@ -166,8 +166,14 @@ def plan_text(cfg: Config, processes: int, accumulation: int, steps_per_epoch: i
     """Global batch, lr by the linear rule, and the schedule's steps: what a run will do."""
     global_batch = cfg.data.batch_size * processes * accumulation
     schedule = Schedule.from_config(cfg.schedule, steps_per_epoch, global_batch)
+    warmup = f"warmup {schedule.warmup_steps} steps ({cfg.schedule.warmup_epochs:g} epochs)"
+    if cfg.schedule.warmup_from_base_lr and global_batch <= 256 and schedule.warmup_steps:
+        # Goyal's warmup rises from base_lr (the lr of 256 images) to the peak: no rise when the peak is lower.
+        warmup = (f"no warmup: schedule.warmup_from_base_lr starts at base_lr, and a global batch of {global_batch} "
+                  f"<= 256 puts the peak at or below it, so the lr is the peak from the first step")
     return (f"global batch {global_batch} = {cfg.data.batch_size} x {processes} process(es)"
             + (f" x {accumulation} accumulation" if accumulation > 1 else "")
             + f"; lr {scaled_lr(cfg.optim.base_lr, global_batch):g} = base_lr {cfg.optim.base_lr:g} x "
-            f"{global_batch}/256; warmup {schedule.warmup_steps} steps ({cfg.schedule.warmup_epochs:g} epochs); "
-            f"{steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {schedule.total_steps} steps")
+            f"{global_batch}/256; {warmup}; "
+            f"{steps_per_epoch} steps/epoch x {cfg.schedule.epochs} epochs = {schedule.total_steps} steps"
+            + ("; model.sync_bn has no effect in one process" if cfg.model.sync_bn and processes == 1 else ""))

@@ -29,8 +29,7 @@ from imagenet_resnet.data.transforms import val_resize_side
 from imagenet_resnet.distributed import pick_device
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.inference import load_trained
-
-MAX_PIXELS = 64_000_000  # default --max-pixels: 8000 x 8000, about 200 MB decoded as RGB
+from imagenet_resnet.layout import MAX_IMAGE_PIXELS
 
 
 def find_images(inputs: list[str]) -> list[Path]:
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per image and line")
     p.add_argument("--top", type=positive_int, default=5, help="classes per image")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
-    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS,
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_IMAGE_PIXELS,
                    help="refuse an image larger than this many pixels after reduced-size JPEG decoding")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: a GPU when there is one")
     p.add_argument(

@@ -27,12 +27,13 @@ from typing import Callable
 
 import torch
 from huggingface_hub.constants import HF_HUB_CACHE
+from PIL import Image
 from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from imagenet_resnet.checkpoint import read_weights
-from imagenet_resnet.data.datasets import SYNSETS, read_samples, read_synsets
+from imagenet_resnet.data.datasets import SYNSETS, oversize, read_samples, read_synsets, unreadable_image
 from imagenet_resnet.errors import UserError
 
 IMAGENET_CLASSES = 1000
@@ -94,7 +95,7 @@ def load_published(source: str, progress: bool = True, weights_file: Path | None
     if metrics is None or weights.meta.get("num_params") is None:
         raise UserError(f"{source}: not ImageNet-1k classification weights")
     net = torchvision.models.get_model(arch, weights=None)
-    _load(net, weights_file, lambda: _hub_state_dict(source, weights.url, progress))
+    _load(net, weights_file, lambda: _hub_state_dict(source, weights.url, progress), source)
     transform = weights.transforms()
     return Published(source, net.eval(), transform, metrics["acc@1"], metrics["acc@5"], transform.resize_size[0],
                      transform.crop_size[0], transform.interpolation.value, tuple(transform.mean), tuple(transform.std))
@@ -125,9 +126,13 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _load(net: nn.Module, weights_file: Path | None, fetch: Callable[[], dict]) -> None:
+def _load(net: nn.Module, weights_file: Path | None, fetch: Callable[[], dict], source: str = "") -> None:
     if weights_file is None:
-        net.load_state_dict(fetch())
+        try:
+            net.load_state_dict(fetch())
+        except RuntimeError as err:  # a cached file with other tensors than the network's
+            raise UserError(f"{source}: the cached weights do not fit its network ({first_line(err)[:200]}); "
+                            f"delete them from {torch.hub.get_dir()} to download them again") from err
         return
     try:
         net.load_state_dict(read_weights(weights_file))
@@ -192,23 +197,29 @@ def output_index(root: Path) -> list[int]:
 
 
 class PILImages(Dataset):
-    """(path, label) pairs opened with PIL as RGB and passed through the weights' own transform."""
+    """(path, label) pairs opened with PIL as RGB and passed through the weights' own transform.
 
-    def __init__(self, folder: Path, samples: list[tuple[str, int]], transform: Callable) -> None:
-        self.folder, self.samples, self.transform = folder, samples, transform
+    Yields (image, label, error): a file that does not decode, or is over the pixel bound, gives a
+    blank image and its error text, which `published_batches` raises in the main process (a
+    worker's exception would arrive as a traceback of the worker instead).
+    """
+
+    def __init__(self, folder: Path, samples: list[tuple[str, int]], transform: Callable, crop: int) -> None:
+        self.folder, self.samples, self.transform, self.crop = folder, samples, transform, crop
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         path, label = self.samples[index]
         try:
+            too_large = oversize(self.folder / path)
+            if too_large:
+                raise OSError(too_large)
             with Image.open(self.folder / path) as image:
-                return self.transform(image.convert("RGB")), label
-        except OSError as err:
-            raise UserError(f"{self.folder / path}: unreadable image ({err})") from err
+                return self.transform(image.convert("RGB")), label, ""
+        except (OSError, ValueError, SyntaxError) as err:
+            return torch.zeros(3, self.crop, self.crop), label, str(unreadable_image(self.folder / path, str(err)))
 
 
 def published_batches(published: Published, root: Path, device: torch.device, workers: int, batch_size: int = 64):
@@ -216,9 +227,11 @@ def published_batches(published: Published, root: Path, device: torch.device, wo
     output index: (images, labels) batches on `device`, for `evaluation.evaluate`."""
     samples, _ = read_samples(root, "imagenet")
     outputs = torch.tensor(output_index(root), device=device)
-    loader = DataLoader(PILImages(root / "val", samples["val"], published.transform), batch_size=batch_size,
-                        num_workers=workers)
-    return ((images.to(device), outputs[labels.to(device)]) for images, labels in loader)
+    images = PILImages(root / "val", samples["val"], published.transform, published.crop)
+    for batch, labels, errors in DataLoader(images, batch_size=batch_size, num_workers=workers):
+        if any(errors):
+            raise UserError(next(error for error in errors if error))
+        yield batch.to(device), outputs[labels.to(device)]
 
 
 def diagnosis(top1: float, images: int, published_top1: float, classes: int, tolerance: float = 0.1) -> str | None:

@@ -80,6 +80,10 @@ def config_changes(saved: Checkpoint, cfg: Config, num_classes: int, path: Path)
                if key in changes]
     if saved.num_classes != num_classes:
         refused.append(f"classes: checkpoint {saved.num_classes}, now {num_classes}")
+    if "run.seed" in changes and saved.position.step_in_epoch > 0:  # the epoch's order comes from the seed
+        refused.append(f"run.seed: checkpoint {changes['run.seed'][0]}, now {changes['run.seed'][1]} in the middle "
+                       f"of epoch {saved.position.epoch} (its order would repeat some images and skip others; a new "
+                       f"seed can start at an epoch's beginning)")
     if refused:
         raise UserError(
             f"{path}: cannot continue this run with {'; '.join(refused)} (fixed once training has started). "

@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from imagenet_resnet.checkpoint import Position
+from imagenet_resnet.checkpoint import LAST, Position
 from imagenet_resnet.cli import parser, positive_int, run_main
 from imagenet_resnet.config import Config, load_config
 from imagenet_resnet.data import count_images
 from imagenet_resnet.distributed import collective_timed_out, init_distributed, laggards, main_only, shutdown
 from imagenet_resnet.errors import UserError
+from imagenet_resnet.guards import Guards
 from imagenet_resnet.lease import hold_lease
 from imagenet_resnet.optim import optimizer_steps, plan_text
 from imagenet_resnet.trainer import Trainer
@@ -67,11 +68,13 @@ def run_training(cfg: Config) -> list[dict[str, Any]]:
     which ranks had not got there; torchrun then restarts the group, which resumes from last.pt.
     """
     dist = init_distributed(cfg.run.device, cfg.run.collective_timeout_s)
+    guards = Guards(dist.device, Path(cfg.run.out_dir) / LAST)  # a SIGTERM during start-up is noted too
     trainer = None
     try:
         with contextlib.ExitStack() as held:
+            held.enter_context(guards.watching_sigterm())
             lease = main_only(lambda: held.enter_context(hold_lease(Path(cfg.run.out_dir), cfg.run.lease_timeout_s)))
-            trainer = Trainer(cfg, dist, lease)
+            trainer = Trainer(cfg, dist, lease, guards)
             return trainer.fit()
     except RuntimeError as err:
         if not collective_timed_out(err):

@@ -49,7 +49,7 @@ from imagenet_resnet.stragglers import GradientWait, rank_times
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dist: DistInfo, lease: Lease | None = None) -> None:
+    def __init__(self, cfg: Config, dist: DistInfo, lease: Lease | None = None, guards: Guards | None = None) -> None:
         self.cfg, self.dist, self.lease = cfg, dist, lease  # lease: rank 0's hold on out_dir
         self.out_dir = Path(cfg.run.out_dir)
         self.amp = amp_dtype(cfg, dist.device)
@@ -63,13 +63,14 @@ class Trainer:
         apply_freeze(self.net, cfg.model.freeze)
         self._build_optimization(saved)
         self.position, self.train_sums = Position(), self._zero_sums()
+        self.data_wait_s, self.show_bar = 0.0, False  # seconds waiting for batches this epoch; tqdm or log lines
         self.best_top1, self.best_weights = 0.0, "model"
         if saved is not None:
             self._restore(saved, path)
         self.gradient_wait = GradientWait(self.net, dist.device) if dist.is_distributed else None  # stragglers
         self.model, self.eval_net = wrap_model(self.net, dist, cfg.run)
         self.ema = build_ema(self.net, cfg.model.ema_decay, saved, dist)  # after DDP gave all rank 0's weights
-        self.guards = Guards(dist.device, self.out_dir / LAST)
+        self.guards = guards or Guards(dist.device, self.out_dir / LAST)
         self.finished = self.position.epoch >= cfg.schedule.epochs
         self.log = self._start_log(resumed=saved is not None) if dist.is_main and not self.finished else None
 
@@ -163,11 +164,13 @@ class Trainer:
             return []
         try:
             with self.guards.watching_sigterm():
+                if self.guards.agree(self.position.epoch):  # during start-up: nothing done, nothing to save
+                    raise StopRequested("before the first step; nothing needed saving")
                 return [self._run_epoch(epoch) for epoch in range(self.position.epoch, self.cfg.schedule.epochs)]
-        except StopRequested:
+        except StopRequested as stop:
             if self.dist.is_main:
                 print(f"stopped by SIGTERM at epoch {self.position.epoch} step {self.position.step_in_epoch}; "
-                      f"checkpoint saved, rerun the same command to continue", flush=True)
+                      f"{stop or 'checkpoint saved'}, rerun the same command to continue", flush=True)
             raise SystemExit(STOPPED_EXIT) from None  # stopped, not finished: a scheduler must not count it done
         finally:
             if self.log:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # torchrun, passing SIGTERM/SIGINT on (preemption, `docker stop`, `kill`, Ctrl-C): torchrun signals
-# the workers, each saves a checkpoint at the next step boundary and exits with status 143. This
+# the workers, each saves a checkpoint at the next step boundary (none before training has started)
+# and exits with status 143. This
 # script then exits 143 (128 + SIGTERM: stopped, not finished; run the same command to continue),
 # otherwise with torchrun's status. The other launch scripts run torchrun through it.
 #
@@ -15,7 +16,7 @@ status=0
 wait "$pid" || status=$?
 while kill -0 "$pid" 2>/dev/null; do status=0; wait "$pid" || status=$?; done  # a trapped signal interrupts wait
 if [[ -n $stopped ]]; then
-  echo "launch: stopped by a signal (torchrun's status $status); the workers saved a checkpoint: run the same command to continue" >&2
+  echo "launch: stopped by a signal (torchrun's status $status); the workers' last lines above say what they saved: run the same command to continue" >&2
   exit 143
 fi
 exit "$status"

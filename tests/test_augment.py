@@ -100,10 +100,8 @@ def timm_op_output(name: str, magnitude: float, negate: int, image: np.ndarray) 
 
 @pytest.mark.parametrize("name", sorted(__import__("imagenet_resnet.data.dali_augment", fromlist=["OPS"]).OPS))
 def test_each_dali_op_matches_timms_op(name):
-    from imagenet_resnet.data.dali_augment import _ops
-
-    signed = _ops(SIZE, 0.45)[name][1]
-    cases = [(m, negate) for m in (2.5, 7.0, 9.5) for negate in ((0, 1) if signed else (0,))]
+    """Both signs for every op: whether an op is signed comes from timm's output, not from our table."""
+    cases = [(m, negate) for m in (2.5, 7.0, 9.5) for negate in (0, 1)]
     images = test_images()
     for (magnitude, negate), outputs in zip(cases, dali_op_outputs(name, cases, images)):
         want = [timm_op_output(name, magnitude, negate, image) for image in images]
@@ -199,6 +197,26 @@ def test_dali_draws_ops_and_magnitudes_as_timm_does():
     assert drawn.mean() == pytest.approx(np.mean(timm_magnitudes), abs=0.05)
     assert drawn.std() == pytest.approx(np.std(timm_magnitudes), abs=0.05)
     assert drawn.min() >= 0 and drawn.max() <= 10
+
+
+def test_each_layer_flips_its_own_coin():
+    """Two layers of Invert, each run with p=0.5: an image ends inverted when exactly one ran, so half
+    of them (timm draws a coin per layer); were the layers to share one coin, none would."""
+    from nvidia.dali import fn, pipeline_def
+
+    from imagenet_resnet.data import dali_augment as da
+
+    images = [np.full((SIZE, SIZE, 3), 10, np.uint8)] * 400
+    policy = dataclass_replace(da.timm_policy("rand-n2-m5-p0.5", SIZE, MEAN), ops=("Invert",))
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=11, enable_conditionals=True)
+    def pipe():
+        return da.rand_augment(fn.external_source(source=lambda: images, batch=True, layout="HWC"), policy, SIZE)
+
+    built = pipe()
+    built.build()
+    inverted = np.mean([np.asarray(out)[0, 0, 0] == 245 for out in built.run()[0]])
+    assert abs(inverted - 0.5) < 4 * (0.25 / len(images)) ** 0.5, inverted
 
 
 # --- repeated augmentation against timm's sampler --------------------------------------------------

@@ -12,7 +12,8 @@ from conftest import REPO
 # Layer of each module (by longest matching prefix); a module imports only its own layer or lower ones.
 LAYERS = {
     "imagenet_resnet": 0, "imagenet_resnet.errors": 0, "imagenet_resnet.files": 0, "imagenet_resnet.layout": 0,
-    "imagenet_resnet.models": 0, "imagenet_resnet.config": 0, "imagenet_resnet.cli": 0, "imagenet_resnet.unpickle": 0,
+    "imagenet_resnet.models": 0, "imagenet_resnet.config": 0, "imagenet_resnet.cli": 0,
+    "imagenet_resnet.unpickle": 0,
     "imagenet_resnet.optim": 1, "imagenet_resnet.distributed": 1, "imagenet_resnet.checkpoint": 1,
     "imagenet_resnet.lease": 1, "imagenet_resnet.metrics": 1, "imagenet_resnet.stragglers": 1,
     "imagenet_resnet.guards": 1,

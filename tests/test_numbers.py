@@ -118,13 +118,13 @@ def test_torchvision_evaluation_crop_is_the_definition(size, val_size, crop):
     assert edges(got.permute(1, 2, 0).numpy()) == pytest.approx(expected_edges(300, 200, final, crop), abs=1.0)
 
 
-def dali_batch(files: list[Path], train: bool, size: int, crop: float = 0.875, seed: int = 0) -> np.ndarray:
-    """The DALI pipeline the loaders use, in CPU mode, over `files`: uint8 NHWC."""
+def dali_batch(files: list[Path], train: bool, size: int, crop: float = 0.875, seed: int = 0, **keys) -> np.ndarray:
+    """The DALI pipeline the loaders use, in CPU mode, over `files`: uint8 NHWC (`keys`: min_area, interpolation)."""
     from imagenet_resnet.data.dali_loader import imagenet_pipeline
 
     pipe = imagenet_pipeline(file_root=str(files[0].parent), files=[f.name for f in files], labels=[0] * len(files),
                              train=train, gpu=False, crop_fraction=crop, size=size, policy=None,
-                             batch_size=len(files), num_threads=1, device_id=None, seed=seed)
+                             batch_size=len(files), num_threads=1, device_id=None, seed=seed, **keys)
     pipe.build()
     return np.asarray(pipe.run()[0].as_tensor())
 
@@ -184,30 +184,55 @@ def crop_boxes(crops: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return width * height / SIDE**2, width / height, right < left
 
 
-def check_crop_distribution(crops: np.ndarray) -> None:
+def check_crop_distribution(crops: np.ndarray, min_area: float = 0.08) -> None:
     area, aspect, mirrored = crop_boxes(crops)
-    assert area.min() < 0.15 and area.max() > 0.85  # the configured area range is 0.08 .. 1
+    assert area.min() < min_area + 0.07 and area.max() > 0.85  # the configured area range is min_area .. 1
+    assert area.min() > min_area - 0.02, area.min()  # and none smaller
     assert aspect.min() < 0.8 and aspect.max() > 1.25  # the configured ratio range is 3/4 .. 4/3
     assert 0.7 < aspect.min() and aspect.max() < 1 / 0.7  # and nothing far beyond it
     sigma = (0.25 / len(mirrored)) ** 0.5
     assert abs(mirrored.mean() - 0.5) < 3.5 * sigma  # half of the images mirrored
 
 
-def test_torchvision_train_crops_and_flips_follow_the_configured_distributions():
-    transform = train_transform(imagenet_cfg(32).data, size=32)
+@pytest.mark.parametrize("min_area", [0.08, 0.3])
+def test_torchvision_train_crops_and_flips_follow_the_configured_distributions(min_area):
+    transform = train_transform(imagenet_cfg(32, 0, 0.875, f"data.crop_min_area={min_area}").data, size=32)
     image = torch.from_numpy(ramp(SIDE, SIDE)).permute(2, 0, 1)
     crops = []
     for seed in range(DRAWS):
         torch.manual_seed(seed)
         crops.append(transform(image).permute(1, 2, 0).numpy())
-    check_crop_distribution(np.stack(crops))
+    check_crop_distribution(np.stack(crops), min_area)
 
 
-def test_dali_train_crops_and_flips_follow_the_configured_distributions(tmp_path):
+@pytest.mark.parametrize("min_area", [0.08, 0.3])
+def test_dali_train_crops_and_flips_follow_the_configured_distributions(tmp_path, min_area):
     path = tmp_path / "ramp.png"
     Image.fromarray(ramp(SIDE, SIDE)).save(path)
-    crops = np.concatenate([dali_batch([path] * 50, train=True, size=32, seed=seed) for seed in range(DRAWS // 50)])
-    check_crop_distribution(crops)
+    crops = np.concatenate([dali_batch([path] * 50, train=True, size=32, seed=seed, min_area=min_area)
+                            for seed in range(DRAWS // 50)])
+    check_crop_distribution(crops, min_area)
+
+
+def noise(side: int = 96) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+def test_the_interpolation_key_reaches_both_loaders_train_crops(tmp_path):
+    """The same crops resized bilinearly and bicubically differ on a noisy image; the default is bilinear."""
+    image = torch.from_numpy(noise()).permute(2, 0, 1)
+
+    def torchvision_crop(*keys: str) -> torch.Tensor:
+        torch.manual_seed(3)
+        return train_transform(imagenet_cfg(32, 0, 0.875, *keys).data, size=32)(image)
+
+    assert torch.equal(torchvision_crop(), torchvision_crop("data.interpolation=bilinear"))
+    assert not torch.equal(torchvision_crop(), torchvision_crop("data.interpolation=bicubic"))
+    path = tmp_path / "noise.png"
+    Image.fromarray(noise()).save(path)
+    bilinear, default, bicubic = (dali_batch([path] * 4, train=True, size=32, seed=3, **keys)
+                                  for keys in ({"interpolation": "bilinear"}, {}, {"interpolation": "bicubic"}))
+    assert np.array_equal(bilinear, default) and not np.array_equal(bilinear, bicubic)
 
 
 # --- the lr of each optimizer step ------------------------------------------------------------

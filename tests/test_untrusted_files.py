@@ -136,3 +136,46 @@ def test_a_crafted_pickle_in_hugging_faces_cache_is_refused_not_run(imagenet_roo
                       env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     one_error_line(proc, "timm:resnet18.a1_in1k", "refused", "nothing from them was run")
     assert not marker.exists()
+
+
+# --- decoders: an image over the pixel bound is refused from its header, never decoded ----------
+
+
+def bomb_png(path: Path, side: int = 8200) -> Path:
+    """A black PNG of side x side pixels (over MAX_IMAGE_PIXELS): a few hundred KB that would decode
+    to 200 MB."""
+    from PIL import Image
+
+    Image.new("L", (side, side)).save(path, optimize=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder_with_a_bomb(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("folder")
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 32), (60 * i, 90, 30)).save(root / split / cls / f"{i}.jpg")
+    bomb_png(root / "train" / "b" / "9.png")
+    return root
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_both_loaders_refuse_an_image_over_the_pixel_bound_naming_it(folder_with_a_bomb, tmp_path, loader):
+    proc = run_module("imagenet_resnet.train", "--config", "configs/imagenet_resnet18.yaml",
+                      f"data.root={folder_with_a_bomb}", "data.dataset=folder", f"data.loader={loader}",
+                      "data.batch_size=4", "data.image_size=32", "data.workers=1", "schedule.epochs=1",
+                      "schedule.warmup_epochs=0",
+                      "run.device=cpu", "wandb.mode=disabled", f"run.out_dir={tmp_path / 'run'}", check=False)
+    one_error_line(proc, "9.png", "8200 x 8200 pixels, more than the 64,000,000")
+
+
+def test_prepare_imagenet_reports_an_image_over_the_bound_as_unreadable(tmp_path):
+    from data_prep.extract import problem
+
+    data = bomb_png(tmp_path / "big.png").read_bytes()
+    assert problem(data) == "unreadable: 8200 x 8200 pixels, more than the 64,000,000 the loaders decode"

@@ -46,7 +46,7 @@ def build_loaders(cfg: Config, dist: DistInfo, input_dtype: torch.dtype) -> tupl
     dataset = cfg.data.dataset
     if dataset in SMALL_DATASETS:
         spec = SMALL_DATASETS[dataset]  # config.py has checked data.loader against data.dataset
-        ensure_dataset(Path(cfg.data.root), dataset, cfg.data.download)
+        ensure_dataset(Path(cfg.data.root), dataset, cfg.data.download, cfg.data.download_timeout_s)
         train_x, train_y, val_x, val_y = read_small(cfg.data.root, dataset)
         normalize = Normalizer.create(spec.mean, spec.std, dist.device, input_dtype, channels_last)
         args = dict(batch_size=cfg.data.batch_size, normalize=normalize, dist=dist, seed=cfg.run.seed)
@@ -69,7 +69,7 @@ def count_images(data: DataConfig) -> tuple[int, int]:
     if root.exists() and not root.is_dir():
         raise UserError(f"config key data.root={data.root!r}: is a file; expected a folder")
     if data.dataset in SMALL_DATASETS:
-        ensure_dataset(root, data.dataset, data.download)
+        ensure_dataset(root, data.dataset, data.download, data.download_timeout_s)
     if not root.is_dir():
         raise UserError(f"config key data.root={data.root!r}: no such folder")
     if data.dataset in SMALL_DATASETS:

@@ -292,8 +292,8 @@ def draw(policy: Policy) -> Draws:
         magnitude = fn.random.uniform(range=[0.0, policy.magnitude], shape=shape)
     elif policy.magnitude_std > 0:
         magnitude = fn.random.normal(shape=shape) * policy.magnitude_std + policy.magnitude
-    else:
-        magnitude = fn.random.uniform(range=[policy.magnitude, policy.magnitude], shape=shape)
+    else:  # a fixed magnitude (DALI's uniform refuses an empty range)
+        magnitude = fn.random.normal(shape=shape) * 0.0 + policy.magnitude
     magnitude = dmath.clamp(magnitude, 0.0, policy.magnitude_max)
     return Draws(op=fn.random.uniform(values=list(range(len(policy.ops))), shape=shape, dtype=types.INT32),
                  runs=fn.random.coin_flip(probability=policy.prob, shape=shape, dtype=types.BOOL),

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from imagenet_resnet.config import Config
-from imagenet_resnet.data.datasets import Samples, image_problem, normalization, unreadable_image
+from imagenet_resnet.data.datasets import Samples, check_sizes, image_problem, normalization, unreadable_image
 from imagenet_resnet.data.loader import Loader, Normalizer, loader_workers, val_batches
 from imagenet_resnet.data.sampling import TrainSampler, augmentation_seed, shard_range
 from imagenet_resnet.data.sizes import train_image_size, val_image_size
@@ -186,5 +186,7 @@ class DaliLoader(Loader):
 def build_dali_loaders(
     cfg: Config, dist: DistInfo, normalize: Normalizer, samples: Samples
 ) -> tuple[DaliLoader, DaliLoader]:
+    if cfg.data.dataset == "folder":  # prepare-imagenet checked its images' sizes; a folder's are checked here
+        check_sizes(Path(cfg.data.root), samples)
     return (DaliLoader(cfg, dist, normalize, "train", samples["train"]),
             DaliLoader(cfg, dist, normalize, "val", samples["val"]))

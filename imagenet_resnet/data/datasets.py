@@ -11,15 +11,17 @@ from __future__ import annotations
 import gzip
 import pickle
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from imagenet_resnet.config import Config
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.layout import COMPLETE_MARKER
+from imagenet_resnet.layout import COMPLETE_MARKER, MAX_IMAGE_PIXELS
 from imagenet_resnet.unpickle import load_restricted
 
 SYNSETS = "synsets.txt"  # prepare-imagenet's class list: "<label> <wnid> <words>" per line
@@ -51,6 +53,9 @@ SMALL_DATASETS = {
     "mnist": SmallDataset((0.1307,), (0.3081,), flip=False, channels=1, classes=10, size=28),
     "fashion_mnist": SmallDataset((0.2860,), (0.3530,), flip=False, channels=1, classes=10, size=28),
 }
+# The released files of each split (train, val) and the key of their labels.
+CIFAR_FILES = {"cifar10": (([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]), "labels"),
+               "cifar100": ((["train"], ["test"]), "fine_labels")}
 CIFAR_META = {"cifar10": ("batches.meta", "label_names"), "cifar100": ("meta", "fine_label_names")}
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -69,55 +74,87 @@ def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def read_cifar(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The released pickles (Python 2: latin1) as uint8 NCHW images and int64 labels."""
     folder = Path(root) / CIFAR_FOLDERS[dataset]
-    if dataset == "cifar10":
-        splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "val": ["test_batch"]}
-        label_key = "labels"
-    else:
-        splits = {"train": ["train"], "val": ["test"]}
-        label_key = "fine_labels"
-    missing = [name for names in splits.values() for name in names if not (folder / name).is_file()]
+    splits, label_key = CIFAR_FILES[dataset]
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder}: is a file; expected the extracted {CIFAR_FOLDERS[dataset]} folder")
+    missing = [name for names in splits for name in names if not (folder / name).is_file()]
     if missing:
         raise UserError(
             f"{folder}: {dataset} not found (missing {', '.join(missing)}). Put the extracted "
-            f"{CIFAR_FOLDERS[dataset]} folder under data.root, or let data.download=auto fetch it"
+            f"{CIFAR_FOLDERS[dataset]} folder under data.root (data.download=auto fetches it when the folder "
+            f"is absent)"
         )
     out = []
-    for names in splits.values():
-        images, labels = [], []
-        for name in names:
-            try:
-                batch = load_restricted(folder / name, f"{dataset} batch file")
-                images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                labels.extend(batch[label_key])
-            except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
-                raise UserError(f"{folder / name}: not a {dataset} batch file ({err!r})") from err
-        out += [torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)]
+    for names in splits:
+        images, labels = zip(*(cifar_batch(folder / name, dataset, label_key) for name in names))
+        out += [torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))]
     return out[0], out[1], out[2], out[3]
+
+
+def cifar_batch(path: Path, dataset: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One released batch file: uint8 images (N, 3, 32, 32) and their N labels, checked."""
+    try:
+        batch = load_restricted(path, f"{dataset} batch file")
+        data, labels = batch["data"], np.asarray(batch[label_key])
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, IndexError) as err:
+        raise UserError(f"{path}: not a {dataset} batch file ({err!r})") from err
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        shape = getattr(data, "shape", None)
+        raise UserError(f"{path}: 'data' is not a uint8 array of N x 3072 pixels ({type(data).__name__} "
+                        f"{getattr(data, 'dtype', '')} {shape if shape is not None else ''})")
+    check_labels(path, len(data), labels, SMALL_DATASETS[dataset].classes)
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def check_labels(path: Path, images: int, labels: np.ndarray, classes: int) -> None:
+    """One whole-number label per image, each a class: a shorter list would shift every later label."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels are not a list of whole numbers ({labels.dtype}, shape {labels.shape})")
+    if len(labels) != images:
+        raise UserError(f"{path}: {len(labels)} labels for {images} images")
+    outside = labels[(labels < 0) | (labels >= classes)]
+    if len(outside):
+        raise UserError(f"{path}: label {outside[0]} is not a class of this dataset (0 to {classes - 1}); "
+                        f"{len(outside)} such label(s)")
 
 
 def read_idx(path: Path) -> np.ndarray:
     """An idx file (the MNIST format: big-endian dims after a 4-byte magic), gzipped or not."""
-    data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    try:
+        data = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    except (OSError, EOFError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from err
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
         raise UserError(f"{path}: not an idx file of unsigned bytes")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    try:
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except ValueError as err:
+        raise UserError(f"{path}: its header says {' x '.join(map(str, dims))} values, the file holds "
+                        f"{len(data) - 4 - 4 * ndim}") from err
 
 
 def read_mnist(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MNIST / Fashion-MNIST idx files from data.root (or torchvision's <root>/MNIST/raw)."""
     out = []
-    for split, names in IDX_FILES.items():
-        for name in names:
-            candidates = [Path(root) / sub / (name + gz) for sub in ("", IDX_SUBDIRS[dataset]) for gz in ("", ".gz")]
-            path = next((c for c in candidates if c.is_file()), None)
-            if path is None:
-                raise UserError(f"{Path(root) / name}[.gz]: {dataset} file not found (also looked in "
-                                f"{Path(root) / IDX_SUBDIRS[dataset]}); data.download=auto fetches it")
-            array = torch.from_numpy(read_idx(path).copy())
-            out.append(array[:, None] if array.ndim == 3 else array.long())
+    for names in IDX_FILES.values():
+        images_path, labels_path = (idx_path(Path(root), name, dataset) for name in names)
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3:
+            raise UserError(f"{images_path}: expected images (N x rows x columns), found {images.ndim} dimension(s)")
+        check_labels(labels_path, len(images), labels, SMALL_DATASETS[dataset].classes)
+        out += [torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64))]
     return out[0], out[1], out[2], out[3]
+
+
+def idx_path(root: Path, name: str, dataset: str) -> Path:
+    candidates = [root / sub / (name + gz) for sub in ("", IDX_SUBDIRS[dataset]) for gz in ("", ".gz")]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise UserError(f"{root / name}[.gz]: {dataset} file not found (also looked in {root / IDX_SUBDIRS[dataset]}); "
+                        f"data.download=auto fetches it")
+    return path
 
 
 def read_small(root: str | Path, dataset: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,13 +186,20 @@ def class_names(cfg: Config) -> list[str]:
 Samples = dict[str, list[tuple[str, int]]]  # split -> (path relative to <root>/<split>, label)
 
 
+def read_list(path: Path) -> str:
+    """A text file prepare-imagenet wrote (UTF-8); UserError naming it if missing or not text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"{path}: missing or unreadable ({err.strerror}); re-run make prepare-imagenet") from err
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte {err.start}); re-run make prepare-imagenet") from err
+
+
 def read_synsets(root: Path) -> list[tuple[str, str]]:
     """prepare-imagenet's DEST/synsets.txt: (WNID, words) of each class, in label order."""
     synsets = root / SYNSETS
-    try:
-        text = synsets.read_text()
-    except OSError as err:
-        raise UserError(f"{synsets}: missing or unreadable ({err.strerror}); re-run make prepare-imagenet") from err
+    text = read_list(synsets)
     # "<label> <wnid> <words>" per class; a line that is not one (words of an older devkit parse) is no class.
     lines = re.findall(r"^(\d+) (n\d{8})(?:$| (.*)$)", text, re.MULTILINE)
     if not lines or [int(label) for label, _, _ in lines] != list(range(len(lines))):
@@ -171,12 +215,7 @@ def read_file_lists(root: Path) -> tuple[Samples, int]:
     samples = {}
     for split in ("train", "val"):
         list_path = root / f"{split}.txt"
-        try:
-            lines = list_path.read_text().splitlines()
-        except OSError as err:
-            raise UserError(
-                f"{list_path}: unreadable file list ({err.strerror}); re-run make prepare-imagenet"
-            ) from err
+        lines = read_list(list_path).splitlines()
         samples[split] = []
         for number, line in enumerate(lines, start=1):
             path, _, label = line.rpartition(" ")
@@ -246,6 +285,31 @@ def read_image(path: Path, channels: int = 3, data: bytes | None = None) -> torc
     source = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None else str(path)
     image = decode_image(source, mode=ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY)
     return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
+
+
+def oversize(path: Path) -> str | None:
+    """Why the image at `path` is too large to decode (from its header alone), or None. A file PIL
+    cannot identify is left to the decoder, which names the problem."""
+    try:
+        with Image.open(path) as image:  # reads the header only
+            width, height = image.size
+    except Image.DecompressionBombError as err:
+        return str(err)
+    except (OSError, ValueError, SyntaxError):
+        return None
+    if width * height > MAX_IMAGE_PIXELS:
+        return f"{width} x {height} pixels, more than the {MAX_IMAGE_PIXELS:,} this project decodes"
+    return None
+
+
+def check_sizes(root: Path, samples: Samples) -> None:
+    """UserError naming the first image under `root`/<split> whose header is over MAX_IMAGE_PIXELS:
+    for decoders that cannot be asked to refuse one (DALI's)."""
+    paths = [root / split / path for split, pairs in samples.items() for path, _ in pairs]
+    with ThreadPoolExecutor(8) as pool:
+        for path, reason in zip(paths, pool.map(oversize, paths)):
+            if reason:
+                raise unreadable_image(path, reason)
 
 
 def image_problem(path: Path) -> str | None:

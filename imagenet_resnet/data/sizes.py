@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 from imagenet_resnet.config import DataConfig
+from imagenet_resnet.data.datasets import SMALL_DATASETS
 
 
 def train_image_size(data: DataConfig, epoch: int) -> int:
     """The train crop of `epoch`: progressive resizing as FFCV does it (start size until the ramp's
     first epoch, then linear in the epoch, rounded to a multiple of 32 px, full size from its last)."""
+    if data.dataset in SMALL_DATASETS:  # resident at their own size
+        return SMALL_DATASETS[data.dataset].size
     start_size, (first, last) = data.start_image_size, data.resize_ramp_epochs
     if not start_size or epoch >= last:
         return data.image_size
