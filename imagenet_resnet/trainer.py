@@ -158,9 +158,8 @@ class Trainer:
 
     def fit(self) -> list[dict[str, Any]]:
         if self.finished:
-            if self.dist.is_main:
-                print(f"{self.out_dir}: finished, {self.position.epoch} epochs done (schedule.epochs="
-                      f"{self.cfg.schedule.epochs}); raise schedule.epochs to train longer", flush=True)
+            main_only(lambda: print(f"{self.out_dir}: finished, {self.position.epoch} epochs done (schedule.epochs="
+                                    f"{self.cfg.schedule.epochs}); raise schedule.epochs to train longer", flush=True))
             return []
         try:
             with self.guards.watching_sigterm():
@@ -297,12 +296,7 @@ class Trainer:
 
     def _epoch_stats(self, epoch: int, elapsed: float, steps_run: int) -> dict[str, float]:
         loss_sum, top1, images = all_reduce_sum(self.train_sums.clone()).tolist()
-        return {
-            "train_image_size": train_image_size(self.cfg.data, epoch),
-            "train_loss": loss_sum / images,
-            "train_top1": 100 * top1 / images,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_sec": steps_run * self.global_batch / elapsed,
-            "epoch_time_s": elapsed,
-            **rank_times(elapsed, self.data_wait_s, steps_run, self.gradient_wait),
-        }
+        return {"train_image_size": train_image_size(self.cfg.data, epoch), "train_loss": loss_sum / images,
+                "train_top1": 100 * top1 / images, "lr": self.optimizer.param_groups[0]["lr"],
+                "images_per_sec": steps_run * self.global_batch / elapsed, "epoch_time_s": elapsed,
+                **rank_times(elapsed, self.data_wait_s, steps_run, self.gradient_wait)}
