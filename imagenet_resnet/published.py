@@ -20,6 +20,7 @@ i-th of the 1000 (n01440764 first, timm's ImageNetInfo), so a prepared subset is
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ def _hub_state_dict(source: str, url: str, progress: bool) -> dict[str, torch.Te
     from urllib.error import URLError
 
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    check_cached_hash(source, cached)
     try:
         return torch.hub.load_state_dict_from_url(url, progress=progress, check_hash=True, weights_only=True,
                                                   map_location="cpu")
@@ -120,6 +122,22 @@ def _hub_state_dict(source: str, url: str, progress: bool) -> dict[str, torch.Te
                         f"Delete it to download the published file again") from err
     except (RuntimeError, EOFError) as err:  # a hash that does not match, a truncated or foreign file
         raise UserError(f"{source}: {cached}: {first_line(err)}; delete it to download again") from err
+
+
+def check_cached_hash(source: str, cached: Path) -> None:
+    """torch hub checks the hash in a file's name on download only: a file put in its cache by hand
+    (or damaged there) is checked here before it is used as the published weights."""
+    prefix = torch.hub.HASH_REGEX.search(cached.name)
+    if not cached.is_file() or not prefix or not prefix.group(1):
+        return
+    digest = hashlib.sha256()
+    with open(cached, "rb") as f:
+        while block := f.read(2**22):
+            digest.update(block)
+    if not digest.hexdigest().startswith(prefix.group(1)):
+        raise UserError(f"{source}: {cached} is not the published file (its sha256 does not start with "
+                        f"{prefix.group(1)}, as its name says); nothing from it was used. Delete it to download "
+                        f"it again")
 
 
 def first_line(err: BaseException) -> str:

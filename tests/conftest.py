@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 def cli_env(gpu: bool = False) -> dict[str, str]:
     """The environment of a command under test: on the CPU unless `gpu` (the exact-equality
     tests rely on the CPU's deterministic kernels, also on a machine that has a GPU)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    extra = os.environ.get("PYTHONPATH", "") if os.environ.get("PYTHONPATH", "").startswith(str(REPO)) else ""
+    env = dict(os.environ, PYTHONPATH=extra or str(REPO), WANDB_SILENT="true", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""

@@ -301,3 +301,15 @@ def test_a_full_disk_during_download_is_named_as_the_disk_not_the_network(tmp_pa
                           preexec_fn=small_disk, timeout=120)
     line = one_error_line(proc, str(tmp_path / "data"), "cannot write the download there", "Nothing was kept")
     assert "could not download" not in line and not list((tmp_path / "data").glob(".partial-*"))
+
+
+def test_a_file_in_torch_hubs_cache_that_is_not_the_published_one_is_refused(tmp_path, monkeypatch):
+    from imagenet_resnet.published import load_published
+
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url  # .../resnet18-f37072fd.pth
+    cached = tmp_path / "hub" / "checkpoints" / Path(url).name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(np.random.default_rng(0).bytes(4096))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(UserError, match=f"{cached} is not the published file .*does not start with f37072fd"):
+        load_published("torchvision:resnet18.IMAGENET1K_V1")

@@ -7,7 +7,9 @@ one), so a right and a wrong label mapping give different scores."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -61,6 +63,18 @@ def torch_home(subset, tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "torch_home", lambda home: colour_hub_cache(subset, home))
 
 
+def hub_file(torch_home: Path) -> Path:
+    return next((torch_home / "hub" / "checkpoints").iterdir())
+
+
+def published_env(torch_home: Path) -> dict[str, str]:
+    """The environment of a process that reads torch_home's weights as torchvision's ResNet-18: the
+    weights' URL names the cached file, whose sha256 prefix is right (tests/published_url/)."""
+    url = "https://download.pytorch.org/models/" + hub_file(torch_home).name
+    return cli_env() | {"TORCH_HOME": str(torch_home), "IMAGENET_RESNET_TEST_RESNET18_URL": url,
+                        "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests' / 'published_url'}"}
+
+
 def colour_hub_cache(subset: Path, home: Path) -> Path:
     """torch hub's cache holding the colour ResNet-18 under the file name torchvision's URL gives,
     its fc a nearest-centroid classifier over the subset's classes, centroids from its val images."""
@@ -83,12 +97,16 @@ def colour_hub_cache(subset: Path, home: Path) -> Path:
         fc.bias.data[out] = -centre.square().sum()
     net.fc = fc
     (home / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(net.state_dict(), home / "hub" / "checkpoints" / Path(weights.url).name)
+    saved = home / "hub" / "checkpoints" / "resnet18.pth"
+    torch.save(net.state_dict(), saved)
+    sha = hashlib.sha256(saved.read_bytes()).hexdigest()[:8]  # named as published files are: resnet18-<sha>.pth
+    saved.rename(saved.with_name(f"resnet18-{sha}.pth"))
     return home
 
 
 def evaluate_cli(root: Path, torch_home: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = cli_env() | {"TORCH_HOME": str(torch_home), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    env = published_env(torch_home) if torch_home.exists() else cli_env() | {"TORCH_HOME": str(torch_home)}
+    env |= {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
     return subprocess.run([sys.executable, "-m", "imagenet_resnet.evaluate", "--pretrained", SOURCE,
                            f"data.root={root}", "data.workers=0", *extra], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -101,7 +119,7 @@ def independent_loop(root: Path, torch_home: Path) -> tuple[float, float]:
 
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     net = torchvision.models.resnet18()
-    net.load_state_dict(torch.load(torch_home / "hub" / "checkpoints" / Path(weights.url).name, weights_only=True))
+    net.load_state_dict(torch.load(hub_file(torch_home), weights_only=True))
     folder = ImageFolder(str(root / "val"), transform=weights.transforms())
     order = imagenet_wnids()
     top1 = top5 = 0
@@ -165,7 +183,7 @@ def test_check_imagenet_names_a_label_mapping_that_does_not_fit(subset, torch_ho
     (shuffled / "val.txt").write_text(
         "".join(f"{line.rpartition(' ')[0]} {label}\n" for line, label in zip(lines, labels))
     )
-    env = cli_env() | {"TORCH_HOME": str(torch_home), "https_proxy": "http://127.0.0.1:9"}
+    env = published_env(torch_home) | {"https_proxy": "http://127.0.0.1:9"}
     proc = subprocess.run(["make", "-s", "check-imagenet", f"DEST={shuffled}", f"CHECK_WEIGHTS={SOURCE}",
                            f"PY={sys.executable}", "ARGS=data.workers=0"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -192,13 +210,9 @@ TIMM_SOURCE = "timm:resnet18.a1_in1k"
 def hf_home(torch_home, tmp_path_factory) -> Path:
     """Hugging Face's hub cache holding timm/resnet18.a1_in1k: the colour ResNet-18's weights (timm's
     ResNet has torchvision's key names) in the snapshot layout huggingface_hub reads offline."""
-    import torchvision
     from safetensors.torch import save_file
 
-    state = torch.load(
-        torch_home / "hub" / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name,
-        weights_only=True,
-    )
+    state = torch.load(hub_file(torch_home), weights_only=True)
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / "models--timm--resnet18.a1_in1k"
     commit = "0" * 40
@@ -248,10 +262,14 @@ def test_timm_offline_with_nothing_cached_is_one_line(subset, tmp_path):
 
 
 def test_fine_tuning_starts_from_published_weights_by_name(torch_home, monkeypatch):
+    import torchvision
+
     from imagenet_resnet.finetune import load_init_from
     from imagenet_resnet.models import build_model
 
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    url = "https://download.pytorch.org/models/" + hub_file(torch_home).name  # as published_env names it
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.value, "url", url)
     net = build_model("resnet18", 7)
     loaded = load_init_from(net, SOURCE)
     cached = torch.load(next((torch_home / "hub" / "checkpoints").iterdir()), weights_only=True)

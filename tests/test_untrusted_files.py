@@ -107,6 +107,8 @@ def test_a_recipe_with_a_python_yaml_tag_is_refused_naming_the_file(tmp_path):
 
 
 def test_a_crafted_file_in_torch_hubs_cache_is_refused_not_run(imagenet_root, tmp_path):
+    """Its sha256 is not the one its name says (torch hub checks that on download only): refused
+    before it is unpickled."""
     import torch
     import torchvision
 
@@ -118,7 +120,7 @@ def test_a_crafted_file_in_torch_hubs_cache_is_refused_not_run(imagenet_root, tm
     proc = run_module("imagenet_resnet.evaluate", "--pretrained", "torchvision:resnet18.IMAGENET1K_V1",
                       f"data.root={imagenet_root}", "data.workers=0", check=False,
                       env={"TORCH_HOME": str(tmp_path / "torch")})
-    one_error_line(proc, str(cached), "refused", "nothing from it was run")
+    one_error_line(proc, str(cached), "is not the published file", "nothing from it was used")
     assert not marker.exists()
 
 
