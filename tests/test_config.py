@@ -91,6 +91,7 @@ BAD_VALUES = {
     "data.dataset": ["imagenet21k"],
     "data.root": ["''"],
     "data.download": ["always"],
+    "data.download_timeout_s": ["0", "nan", "soon"],
     "data.batch_size": ["0", "-3", "many"],
     "data.image_size": ["0", "4096"],
     "data.loader": ["ffcv"],

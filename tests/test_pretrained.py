@@ -170,6 +170,17 @@ def test_offline_with_nothing_cached_is_one_line(subset, tmp_path):
     assert str(tmp_path / "empty_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in proc.stderr
 
 
+def test_a_damaged_val_image_is_one_line_naming_it_also_from_loader_workers(subset, torch_home, tmp_path):
+    damaged = tmp_path / "imagenet"
+    shutil.copytree(subset, damaged)
+    first = (damaged / "val.txt").read_text().split()[0]
+    (damaged / "val" / first).write_bytes(b"not a JPEG")
+    proc = evaluate_cli(damaged, torch_home, "data.workers=1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{damaged / 'val' / first}: unreadable image" in errors[0], proc.stderr
+
+
 def test_check_imagenet_names_a_label_mapping_that_does_not_fit(subset, torch_home, tmp_path):
     """make check-imagenet (with the test's ResNet-18 for its ResNet-50). The val labels shuffled (as an
     ILSVRC2012_ID mapping would leave them): FAIL, the diagnosis
