@@ -65,8 +65,15 @@ def store_prefix(world_size: int) -> str:
     return f"default_pg/attempt{attempt}" if one_node else "default_pg"
 
 
+# Start-up (data lists, checkpoint, wandb, DALI pipelines, torch.compile's first compile, up to the
+# end of the first step) may keep one rank away from the others this long: run.collective_timeout_s
+# applies from then on (`set_collective_timeout`).
+STARTUP_TIMEOUT_S = 1800.0
+
+
 def init_distributed(requested_device: str, timeout_s: float = 600.0) -> DistInfo:
-    """Join torchrun's group (if any); every collective and the rendezvous wait at most timeout_s."""
+    """Join torchrun's group (if any). The rendezvous and every collective of start-up wait at most
+    max(timeout_s, STARTUP_TIMEOUT_S); `set_collective_timeout` then lowers it to timeout_s."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -76,12 +83,19 @@ def init_distributed(requested_device: str, timeout_s: float = 600.0) -> DistInf
     store = None
     if world_size > 1 and not torch_dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        timeout = timedelta(seconds=timeout_s)
+        timeout = timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S))
         store, _, _ = next(torch_dist.rendezvous("env://", rank, world_size, timeout=timeout))
         store = torch_dist.PrefixStore(store_prefix(world_size), store)
         torch_dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                                       device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world_size, device, store, timeout_s)
+
+
+def set_collective_timeout(dist: DistInfo) -> None:
+    """Start-up is over (every rank has finished a step): collectives wait at most dist.timeout_s."""
+    if torch_dist.is_initialized():
+        set_timeout = getattr(torch_dist, "set_timeout", None) or torch_dist.distributed_c10d._set_pg_timeout
+        set_timeout(timedelta(seconds=dist.timeout_s))
 
 
 def report_progress(dist: DistInfo, mark: tuple[int, int], where: str) -> None:

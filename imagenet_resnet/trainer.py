@@ -37,6 +37,7 @@ from imagenet_resnet.distributed import (
     average_buffers,
     main_only,
     report_progress,
+    set_collective_timeout,
 )
 from imagenet_resnet.evaluation import evaluate
 from imagenet_resnet.finetune import apply_freeze, load_init_tensors
@@ -71,7 +72,7 @@ class Trainer:
         self.model, self.eval_net = wrap_model(self.net, dist, cfg.run)
         self.ema = build_ema(self.net, cfg.model.ema_decay, saved, dist)  # after DDP gave all rank 0's weights
         self.guards = guards or Guards(dist.device, self.out_dir / LAST)
-        self.finished = self.position.epoch >= cfg.schedule.epochs
+        self.finished, self.first_epoch = self.position.epoch >= cfg.schedule.epochs, self.position.epoch
         self.log = self._start_log(resumed=saved is not None) if dist.is_main and not self.finished else None
 
     # --- setup ------------------------------------------------------------------------------
@@ -224,6 +225,8 @@ class Trainer:
         batches = iter(self.train_loader)
         for step in range(start, self.steps_per_epoch):
             loss = self.train_step(batches, epoch, step)
+            if step == start and epoch == self.first_epoch:  # start-up is over: collectives get the short timeout
+                set_collective_timeout(self.dist)
             bar.update(1)
             self._agreement_point(epoch, step + 1, loss)
         bar.close()

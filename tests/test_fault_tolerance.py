@@ -360,9 +360,24 @@ def test_a_stuck_loader_worker_ends_the_run_naming_the_data_loader(imagenet_root
     finally:
         os.kill(daemon, signal.SIGCONT)
     assert proc.returncode == 2, output[-3000:]
-    assert ("error: the train data loader delivered no batch for 5 s (run.collective_timeout_s) at epoch 0 batch"
+    assert ("error: the train data loader finished no image for 5 s (run.collective_timeout_s) at epoch 0 batch"
             in output), output[-3000:]
     assert "Traceback" not in output, output
+
+
+def test_a_rank_slow_to_start_is_not_taken_for_a_hung_one(cifar_root, tmp_path):
+    """run.collective_timeout_s=5 applies once every rank has finished its first step: rank 0 held
+    for 12 s after building its Trainer (as a slow wandb start would) leaves the others waiting in
+    their first collective, and the run trains on."""
+    out = tmp_path / "run"
+    proc = start(train_cmd(2, cifar_root, out, "schedule.epochs=1", "run.collective_timeout_s=5"))
+    ranks = rank_pids(proc, 2)
+    wait_for(proc, "global batch 32")  # rank 0's plan line: the end of its start-up
+    os.kill(ranks[0], signal.SIGSTOP)
+    time.sleep(12)
+    os.kill(ranks[0], signal.SIGCONT)
+    output = finish(proc)
+    assert "timed out" not in output and len(read_metrics(out)) == 1
 
 
 def test_a_slowed_rank_shows_as_the_slowest_in_every_epochs_record(cifar_root, tmp_path):

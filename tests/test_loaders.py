@@ -71,3 +71,29 @@ def test_train_epoch_shapes_ranks_and_exact_resume(imagenet_root, kind):
     bare = loaders(imagenet_root, kind, 0, world=2)[0]
     bare.set_position(1, start_step=2)
     assert [y.tolist() for _, y in bare] == [y.tolist() for _, y in full[2:]]
+
+
+def test_a_slow_loader_that_is_decoding_is_not_taken_for_a_stuck_one(imagenet_root):
+    """Each batch takes 2.4 s with a 1 s timeout: the workers keep finishing images, so it waits."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from imagenet_resnet.data.datasets import read_file_lists
+    from imagenet_resnet.data.loader import Normalizer
+    from imagenet_resnet.data.torchvision_loader import HostLoader, ImageFileDataset
+
+    def slow(size: int):
+        def transform(image: torch.Tensor) -> torch.Tensor:
+            time.sleep(0.3)
+            return image[:, :16, :16]
+        return transform
+
+    samples, _ = read_file_lists(imagenet_root)
+    dataset = ImageFileDataset(imagenet_root / "val", samples["val"], slow, workers=1)
+    loader = DataLoader(dataset, batch_size=8, sampler=[(i, 0, 0) for i in range(16)], num_workers=1, timeout=1)
+    cpu = torch.device("cpu")
+    host = HostLoader(loader, Normalizer.create((0.5,) * 3, (0.5,) * 3, cpu, torch.float32, False), cpu, 16, 2,
+                      split="val")
+    batches = list(host)
+    assert [images.shape for images, _ in batches] == [(8, 3, 16, 16)] * 2

@@ -9,10 +9,10 @@ from __future__ import annotations
 import multiprocessing
 import signal
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from imagenet_resnet.config import Config
 from imagenet_resnet.data.datasets import Samples, decode_error_text, oversize, read_image, unreadable_image
@@ -20,7 +20,7 @@ from imagenet_resnet.data.loader import Loader, Normalizer, loader_workers, val_
 from imagenet_resnet.data.sampling import TrainSampler, seed_all, shard_range
 from imagenet_resnet.data.sizes import train_image_size
 from imagenet_resnet.data.transforms import train_transform, val_transform
-from imagenet_resnet.distributed import DistInfo
+from imagenet_resnet.distributed import STARTUP_TIMEOUT_S, DistInfo
 from imagenet_resnet.errors import UserError
 
 
@@ -33,8 +33,11 @@ class ImageFileDataset(Dataset):
     traceback of the worker instead).
     """
 
-    def __init__(self, folder: Path, samples: list[tuple[str, int]], transform_for: Callable[[int], Callable]) -> None:
+    def __init__(self, folder: Path, samples: list[tuple[str, int]], transform_for: Callable[[int], Callable],
+                 workers: int = 0) -> None:
         self.folder, self.samples, self.transform_for = folder, samples, transform_for
+        # Images each worker has finished: a loader that is slow but decoding is not a stuck one.
+        self.progress = multiprocessing.RawArray("Q", max(workers, 1))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,6 +55,8 @@ class ImageFileDataset(Dataset):
         except (RuntimeError, OSError) as err:
             error = str(unreadable_image(self.folder / path, decode_error_text(err)))
             image = torch.zeros(3, 1, 1, dtype=torch.uint8)
+        worker = get_worker_info()
+        self.progress[worker.id if worker else 0] += 1
         return self.transform_for(size)(image), label, error
 
 
@@ -70,19 +75,33 @@ class HostLoader(Loader):
             self.loader.sampler.set_position(epoch, start_step, self.size_for(epoch))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batch = self.start
-        try:
-            for images, labels, errors in self.loader:
-                error = next((e for e in errors if e), None)
-                if error:
-                    raise UserError(error)
-                images = images.to(self.device, non_blocking=True)
-                batch += 1
-                yield self.normalize(images), labels.to(self.device, non_blocking=True)
-        except RuntimeError as err:
-            if "DataLoader timed out" not in str(err):
-                raise
-            raise self._stalled(batch) from None
+        batch, batches = self.start, iter(self.loader)
+        while (got := self._next(batches, batch)) is not None:
+            images, labels, errors = got
+            error = next((e for e in errors if e), None)
+            if error:
+                raise UserError(error)
+            batch += 1
+            yield self.normalize(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+
+    def _next(self, batches: Iterator, batch: int) -> Any:
+        """The next batch, or None at the end. The loader's timeout fires after run.collective_timeout_s
+        without a batch; the wait goes on while the workers finish images (a batch of large images
+        is slow, not stuck) and until the first batch while they start, and ends when they do neither."""
+        done, waited = sum(self.loader.dataset.progress), 0.0
+        while True:
+            try:
+                return next(batches)
+            except StopIteration:
+                return None
+            except RuntimeError as err:
+                if "DataLoader timed out" not in str(err):
+                    raise
+                waited += self.loader.timeout
+                now = sum(self.loader.dataset.progress)
+                if now == done and (now > 0 or waited >= STARTUP_TIMEOUT_S):
+                    raise self._stalled(batch) from None
+                done = now
 
     def _stalled(self, batch: int) -> UserError:
         """A worker delivered nothing for the loader's timeout (a read stuck on a network file system,
@@ -93,7 +112,7 @@ class HostLoader(Loader):
         for child in multiprocessing.active_children():
             child.kill()
         where = f"epoch {self.epoch} batch {batch}" if self.split == "train" else "evaluation"
-        return UserError(f"the {self.split} data loader delivered no batch for {self.loader.timeout:g} s "
+        return UserError(f"the {self.split} data loader finished no image for {self.loader.timeout:g} s "
                          f"(run.collective_timeout_s) at {where}: a loader worker is stuck (a stalled read from "
                          f"{self.loader.dataset.folder}?). Under torchrun's --max-restarts the group restarts "
                          f"from the newest checkpoint")
@@ -128,7 +147,7 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
 
     def make(split, samples, transform, sampler, drop_last):
         loader = DataLoader(
-            ImageFileDataset(root / split, samples, transform),
+            ImageFileDataset(root / split, samples, transform, workers),
             batch_size=cfg.data.batch_size,
             sampler=sampler,
             num_workers=workers,
