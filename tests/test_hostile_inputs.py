@@ -143,10 +143,15 @@ def test_a_server_that_stops_answering_ends_the_download_and_frees_the_lock(tmp_
     listener.close()
 
 
-def test_a_body_cut_short_is_one_line(tmp_path, monkeypatch):
-    url, listener = silent_server(b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n" + bytes(500), hang_up=True)
+@pytest.mark.parametrize(("reply", "error"), [
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n" + bytes(500), "IncompleteRead"),  # not "checksum"
+    (b"not HTTP at all\r\n\r\n", "BadStatusLine"),
+    (b"HTTP/1.0 200 OK\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", "LineTooLong"),
+])
+def test_a_broken_answer_is_one_line(tmp_path, monkeypatch, reply, error):
+    url, listener = silent_server(reply, hang_up=True)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "url", url)
-    with pytest.raises(UserError, match="could not download it.*IncompleteRead"):  # not "checksum"
+    with pytest.raises(UserError, match=f"could not download it.*{error}"):
         ensure_dataset(tmp_path / "data", "cifar10", "auto", timeout_s=2)
     listener.close()
 
@@ -205,6 +210,9 @@ def test_the_plan_says_when_goyals_warmup_has_nothing_to_rise_to():
                                                            "schedule.warmup_start_factor=0"])
     assert "no warmup: schedule.warmup_from_base_lr starts at base_lr" in plan_text(cfg, 1, 1, 100)  # 128 images
     assert "warmup 500 steps (5 epochs)" in plan_text(cfg, 4, 1, 100)  # 512 images: a real rise
+    sync = load_config("configs/imagenet_resnet50.yaml", ["model.sync_bn=true"])
+    assert "model.sync_bn has no effect in one process" in plan_text(sync, 1, 1, 100)
+    assert "sync_bn" not in plan_text(sync, 8, 1, 100)
 
 
 def test_a_new_seed_is_refused_mid_epoch_and_taken_at_an_epochs_start(tmp_path):

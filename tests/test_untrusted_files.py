@@ -181,3 +181,22 @@ def test_prepare_imagenet_reports_an_image_over_the_bound_as_unreadable(tmp_path
 
     data = bomb_png(tmp_path / "big.png").read_bytes()
     assert problem(data) == "unreadable: 8200 x 8200 pixels, more than the 64,000,000 the loaders decode"
+
+
+@pytest.mark.parametrize("content", ["garbage", "wrong keys"])
+def test_a_damaged_hugging_face_cache_is_one_line(imagenet_root, tmp_path, content):
+    import torch
+    from safetensors.torch import save_file
+
+    snapshot = tmp_path / "hf" / "hub" / "models--timm--resnet18.a1_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    if content == "garbage":
+        (snapshot / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    else:
+        save_file({"not.a.resnet.key": torch.zeros(3)}, str(snapshot / "model.safetensors"))
+    proc = run_module("imagenet_resnet.evaluate", "--pretrained", "timm:resnet18.a1_in1k",
+                      f"data.root={imagenet_root}", "data.workers=0", check=False,
+                      env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    one_error_line(proc, "timm:resnet18.a1_in1k", "could not load timm's weights")
