@@ -21,6 +21,7 @@ i-th of the 1000 (n01440764 first, timm's ImageNetInfo), so a prepared subset is
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from imagenet_resnet.checkpoint import read_weights
-from imagenet_resnet.data.datasets import SYNSETS, oversize, read_samples, read_synsets, unreadable_image
+from imagenet_resnet.data.datasets import SYNSETS, read_checked, read_samples, read_synsets, unreadable_image
 from imagenet_resnet.errors import UserError
 
 IMAGENET_CLASSES = 1000
@@ -231,10 +232,7 @@ class PILImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         path, label = self.samples[index]
         try:
-            too_large = oversize(self.folder / path)
-            if too_large:
-                raise OSError(too_large)
-            with Image.open(self.folder / path) as image:
+            with Image.open(io.BytesIO(read_checked(self.folder / path))) as image:
                 return self.transform(image.convert("RGB")), label, ""
         except (OSError, ValueError, SyntaxError) as err:
             return torch.zeros(3, self.crop, self.crop), label, str(unreadable_image(self.folder / path, str(err)))

@@ -9,11 +9,13 @@ file lists, image folders, single images, class names and normalisation constant
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -287,11 +289,11 @@ def read_image(path: Path, channels: int = 3, data: bytes | None = None) -> torc
     return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
 
 
-def oversize(path: Path) -> str | None:
-    """Why the image at `path` is too large to decode (from its header alone), or None. A file PIL
-    cannot identify is left to the decoder, which names the problem."""
+def oversize(source: Path | BinaryIO) -> str | None:
+    """Why the image at `source` (a path or an open file) is too large to decode (from its header
+    alone), or None. A file PIL cannot identify is left to the decoder, which names the problem."""
     try:
-        with Image.open(path) as image:  # reads the header only
+        with Image.open(source) as image:  # reads the header only
             width, height = image.size
     except Image.DecompressionBombError as err:
         return str(err)
@@ -300,6 +302,15 @@ def oversize(path: Path) -> str | None:
     if width * height > MAX_IMAGE_PIXELS:
         return f"{width} x {height} pixels, more than the {MAX_IMAGE_PIXELS:,} this project decodes"
     return None
+
+
+def read_checked(path: Path) -> bytes:
+    """An image file's bytes, read once for the size check and the decoder; OSError if it is too large."""
+    data = path.read_bytes()
+    too_large = oversize(io.BytesIO(data))
+    if too_large:
+        raise OSError(too_large)
+    return data
 
 
 def check_sizes(root: Path, samples: Samples) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from imagenet_resnet.config import Config
-from imagenet_resnet.data.datasets import Samples, decode_error_text, oversize, read_image, unreadable_image
+from imagenet_resnet.data.datasets import Samples, decode_error_text, read_checked, read_image, unreadable_image
 from imagenet_resnet.data.loader import Loader, Normalizer, loader_workers, val_batches
 from imagenet_resnet.data.sampling import TrainSampler, seed_all, shard_range
 from imagenet_resnet.data.sizes import train_image_size
@@ -48,10 +48,7 @@ class ImageFileDataset(Dataset):
         # transforms v2 draw from torch's global generator of this worker, timm's RandAugment from Python's and NumPy's
         seed_all(seed)
         try:
-            too_large = oversize(self.folder / path)
-            if too_large:
-                raise OSError(too_large)
-            image, error = read_image(self.folder / path), ""
+            image, error = read_image(self.folder / path, data=read_checked(self.folder / path)), ""
         except (RuntimeError, OSError) as err:
             error = str(unreadable_image(self.folder / path, decode_error_text(err)))
             image = torch.zeros(3, 1, 1, dtype=torch.uint8)
