@@ -131,7 +131,11 @@ class DataConfig:
     start_image_size: int = 0
     resize_ramp_epochs: list[int] = field(default_factory=lambda: [0, 0])
     val_image_size: int = 0  # evaluation size (FixRes: larger than training); 0 = image_size
-    val_crop_fraction: float = 0.875  # val: resize the shorter side to val_image_size / this, centre crop
+    # val: resize the shorter side to floor(val_image_size / this) (timm's rule), then the centre crop
+    val_crop_fraction: float = 0.875
+    # true: take the centre square of val_crop_fraction x the shorter side first, then resize it to
+    # val_image_size (ffcv's CenterCropRGBImageDecoder); false: resize, then crop (timm, torchvision)
+    val_crop_first: bool = False
     val_flip_tta: bool = False  # evaluate each image and its mirror, average the logits
     mixup_alpha: float = 0.0  # Mixup on the device batch (timm Mixup); 0 = off
     cutmix_alpha: float = 0.0  # CutMix (with Mixup: one or the other per batch, half the time each); 0 = off
@@ -139,12 +143,18 @@ class DataConfig:
     # magnitude 7 of 10, N(7, 0.5) per op, the "increasing" op set, 2 ops per image, each p=0.5.
     # timm's own transform in the torchvision loader, its DALI twin in the DALI loader. Empty: off.
     auto_augment: str = ""
-    interpolation: str = "bilinear"  # bilinear | bicubic: the train crop's and evaluation's resize (RSB: bicubic)
+    interpolation: str = "bilinear"  # bilinear | bicubic: evaluation's resize, and the train crop's unless set below
+    # bilinear | bicubic | random (each image and each geometric RandAugment op picks bilinear or
+    # bicubic, as timm's --train-interpolation default does) | "" = data.interpolation
+    train_interpolation: str = ""
     crop_min_area: float = 0.08  # random-resized crop: smallest fraction of the image's area (MLPerf LARS: 0.05)
     # Repeated augmentation (RSB A1/A2, DeiT): each selected image appears this many times in an
     # epoch, the copies on consecutive ranks with their own augmentation; an epoch keeps the
     # dataset's length (timm's RepeatAugSampler). 0 or 1: off.
     repeated_augmentation: int = 0
+    # With repeated augmentation, an epoch covers floor(images / this) x this images, split across
+    # the ranks (timm's RepeatAugSampler selected_round, 256 by default); 0: images // world size.
+    repeated_augmentation_round: int = 256
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, (*DEVICE_DATASETS, "imagenet", "folder"))
@@ -181,15 +191,18 @@ class DataConfig:
         if self.auto_augment:
             parse_rand_augment(self.auto_augment, {})
         _choice("data.interpolation", self.interpolation, ("bilinear", "bicubic"))
+        _choice("data.train_interpolation", self.train_interpolation, ("", "bilinear", "bicubic", "random"))
         _number("data.crop_min_area", self.crop_min_area, 0.01, 1)
         _number("data.repeated_augmentation", self.repeated_augmentation, 0, 16)
+        _number("data.repeated_augmentation_round", self.repeated_augmentation_round, 0, 65536)
 
     def _check_for_dataset(self) -> None:
         """Keys of image-folder datasets stay at their defaults for the device-resident ones."""
         small = self.dataset in DEVICE_DATASETS
         for key, default in (("image_size", 32), ("start_image_size", 0), ("val_image_size", 0),
-                             ("val_crop_fraction", 0.875), ("auto_augment", ""), ("interpolation", "bilinear"),
-                             ("crop_min_area", 0.08), ("repeated_augmentation", 0)):
+                             ("val_crop_fraction", 0.875), ("val_crop_first", False), ("auto_augment", ""),
+                             ("interpolation", "bilinear"), ("train_interpolation", ""), ("crop_min_area", 0.08),
+                             ("repeated_augmentation", 0)):
             _require(f"data.{key}", getattr(self, key), not small or getattr(self, key) == default,
                      f"applies to data.dataset=imagenet or folder (the device loader of {self.dataset} "
                      f"keeps the images at their own size, and its own augmentation)")
@@ -244,6 +257,10 @@ class ScheduleConfig:
     # warmup_start_factor x peak, and rise linearly to the peak.
     warmup_from_base_lr: bool = False
     end_lr_factor: float = 0.0  # cosine, linear, poly: decay to this fraction of the peak lr (MLPerf LARS: 1e-4 / 10.5)
+    # true: the decay's progress counts from the end of warmup; false: from step 0, warmup
+    # overlapping the decay's start (timm's schedulers, warmup_prefix=False: RSB)
+    warmup_prefix: bool = True
+    per_epoch: bool = False  # the lr changes at epoch starts only (timm's default t_in_epochs: RSB); false: each step
 
     def __post_init__(self) -> None:
         _number("schedule.epochs", self.epochs, 1)

@@ -108,6 +108,10 @@ class Schedule:
         warmup_start_factor: multiplier at step 0.
         poly_power: exponent of the "poly" decay.
         end_factor: where cosine, linear and poly decay end (MLPerf's end lr), as a multiplier.
+        warmup_prefix: the decay's progress counts from the end of warmup; False: from step 0, the
+            warmup overlapping the decay's start (timm's schedulers with warmup_prefix=False).
+        epoch_steps: > 0: the factor changes only at multiples of it, i.e. once per epoch (timm's
+            t_in_epochs, scheduler.step(epoch) after each epoch); 0: at every step.
     """
 
     total_steps: int
@@ -119,6 +123,8 @@ class Schedule:
     warmup_start_factor: float = 0.0
     poly_power: float = 2.0
     end_factor: float = 0.0
+    warmup_prefix: bool = True
+    epoch_steps: int = 0
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, steps_per_epoch: int, global_batch: int) -> Schedule:
@@ -134,14 +140,19 @@ class Schedule:
             warmup_start_factor=start,
             poly_power=cfg.poly_power,
             end_factor=cfg.end_lr_factor,
+            warmup_prefix=cfg.warmup_prefix,
+            epoch_steps=steps_per_epoch if cfg.per_epoch else 0,
         )
 
     def factor(self, step: int) -> float:
+        if self.epoch_steps:
+            step -= step % self.epoch_steps
         if step < self.warmup_steps:
             if self.warmup_kind == "constant":
                 return self.warmup_start_factor
             return self.warmup_start_factor + (1 - self.warmup_start_factor) * step / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        start = self.warmup_steps if self.warmup_prefix else 0
+        progress = min(1.0, (step - start) / max(1, self.total_steps - start))
         end = self.end_factor
         if self.kind == "cosine":
             return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))

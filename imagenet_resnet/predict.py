@@ -25,7 +25,7 @@ from PIL import Image
 from imagenet_resnet.checkpoint import WEIGHTS
 from imagenet_resnet.cli import command, existing_file, positive_int, run_main
 from imagenet_resnet.data.datasets import decode_error_text, read_image
-from imagenet_resnet.data.transforms import val_resize_side
+from imagenet_resnet.data.sizes import val_resize_side
 from imagenet_resnet.distributed import pick_device
 from imagenet_resnet.errors import UserError
 from imagenet_resnet.inference import load_trained
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     trained = load_trained(args.checkpoint, args.weights)
     net = trained.net.to(device)
     top = min(args.top, len(trained.names))
-    min_side = val_resize_side(trained.cfg)
+    min_side = val_resize_side(trained.cfg.data)
     Image.MAX_IMAGE_PIXELS = None  # PIL's own bomb check would refuse before reduced decoding; --max-pixels holds
     for start in range(0, len(files), args.batch_size):
         chunk = files[start : start + args.batch_size]

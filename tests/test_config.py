@@ -105,7 +105,10 @@ BAD_VALUES = {
     "data.mixup_alpha": ["-0.1", "nan"],
     "data.cutmix_alpha": ["-1"],
     "data.auto_augment": ["rand-x3", "v0", "rand-m9-q2"],  # not a timm RandAugment string
-    "data.interpolation": ["lanczos"],
+    "data.interpolation": ["lanczos", "random"],  # random: training's only (data.train_interpolation)
+    "data.train_interpolation": ["lanczos"],
+    "data.val_crop_first": ["sometimes"],
+    "data.repeated_augmentation_round": ["-1", "70000"],
     "data.crop_min_area": ["0", "1.5"],
     "data.repeated_augmentation": ["-1", "17", "2"],  # 2: the device loader of CIFAR samples by itself
     "optim.name": ["adam"],
@@ -128,6 +131,8 @@ BAD_VALUES = {
     "schedule.warmup_kind": ["cubic"],
     "schedule.warmup_start_factor": ["1.5", "-0.1"],
     "schedule.warmup_from_base_lr": ["sometimes"],
+    "schedule.warmup_prefix": ["sometimes"],
+    "schedule.per_epoch": ["sometimes"],
     "schedule.end_lr_factor": ["1", "-0.1", "0.001"],  # 0.001: the default schedule.kind=step has no end lr
     "run.out_dir": ["{file}", "''"],
     "run.seed": ["-1", "3000000000"],
@@ -164,6 +169,8 @@ CROSS_KEY = [
     (["data.auto_augment=rand-m9-mstd0.5-inc1"], "data.auto_augment"),  # the device loader of CIFAR has no RandAugment
     (["schedule.warmup_from_base_lr=true", "schedule.warmup_start_factor=0.1"], "schedule.warmup_from_base_lr"),
     (["data.val_image_size=64"], "data.val_image_size"),
+    (["data.val_crop_first=true"], "data.val_crop_first"),  # CIFAR's device loader evaluates whole images
+    (["data.train_interpolation=bicubic"], "data.train_interpolation"),
 ]
 
 

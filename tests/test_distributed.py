@@ -14,7 +14,8 @@ from imagenet_resnet.metrics import read_metrics
 pytestmark = pytest.mark.e2e
 
 IMAGENET_ARGS = ["data.image_size=32", "data.batch_size=8", "data.workers=1", "schedule.epochs=2",
-                 "schedule.warmup_epochs=0.5", "run.log_every_steps=2"]
+                 "schedule.warmup_epochs=0.5", "run.log_every_steps=2",
+                 "data.val_crop_first=true", "data.train_interpolation=random"]  # issue 32: exact with them set
 
 
 def free_port() -> int:

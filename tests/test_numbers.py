@@ -5,6 +5,7 @@ because both sides of those comparisons would share it."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -80,8 +81,9 @@ def ramp(width: int, height: int) -> np.ndarray:
 
 def expected_edges(width: int, height: int, size: int, crop_fraction: float) -> tuple[float, float, float, float]:
     """Red at the crop's first and last column, green at its first and last row, by the definition:
-    shorter side to round(size / crop_fraction) (the longer in proportion), then the centre size x size."""
-    short = round(size / crop_fraction)
+    shorter side to floor(size / crop_fraction) (timm's rule; the longer in proportion), then the centre
+    size x size."""
+    short = math.floor(size / crop_fraction)
     scale = short / min(width, height)
     new_w, new_h = int(width * scale), int(height * scale)  # the longer side truncated, as torchvision does
     left, top = round((new_w - size) / 2), round((new_h - size) / 2)
@@ -113,17 +115,21 @@ def test_torchvision_evaluation_crop_is_the_definition(size, val_size, crop):
     image = torch.from_numpy(ramp(300, 200)).permute(2, 0, 1)
     got = val_transform(imagenet_cfg(size, val_size, crop))(image)
     final = val_size or size
-    want = v2.Compose([v2.Resize(round(final / crop), antialias=True), v2.CenterCrop(final)])(image)
+    want = v2.Compose([v2.Resize(math.floor(final / crop), antialias=True), v2.CenterCrop(final)])(image)
     assert torch.equal(got, want)
     assert edges(got.permute(1, 2, 0).numpy()) == pytest.approx(expected_edges(300, 200, final, crop), abs=1.0)
 
 
-def dali_batch(files: list[Path], train: bool, size: int, crop: float = 0.875, seed: int = 0, **keys) -> np.ndarray:
-    """The DALI pipeline the loaders use, in CPU mode, over `files`: uint8 NHWC (`keys`: min_area, interpolation)."""
+def dali_batch(files: list[Path], train: bool, size: int, crop: float = 0.875, seed: int = 0, crop_first: bool = False,
+               **keys) -> np.ndarray:
+    """The DALI pipeline the loaders use, in CPU mode, over `files`: uint8 NHWC (`keys`: min_area, interpolation,
+    policy)."""
     from imagenet_resnet.data.dali_loader import imagenet_pipeline
 
+    keys.setdefault("policy", None)
     pipe = imagenet_pipeline(file_root=str(files[0].parent), files=[f.name for f in files], labels=[0] * len(files),
-                             train=train, gpu=False, crop_fraction=crop, size=size, policy=None,
+                             train=train, gpu=False, size=size, resize_side=math.floor(size / crop),
+                             crop_first=crop if crop_first else 0.0,
                              batch_size=len(files), num_threads=1, device_id=None, seed=seed, **keys)
     pipe.build()
     return np.asarray(pipe.run()[0].as_tensor())
@@ -136,7 +142,7 @@ DALI_MEAN_TOLERANCE = 2.0  # mean |difference| from the torchvision crop, 8-bit 
 
 
 def levels_per_output_pixel(width: int, height: int, size: int, crop_fraction: float) -> float:
-    scale = round(size / crop_fraction) / min(width, height)
+    scale = math.floor(size / crop_fraction) / min(width, height)
     return max(255 / (width - 1) / scale, 255 / (height - 1) / scale)
 
 
@@ -153,14 +159,43 @@ def test_dali_evaluation_crop_is_the_definition_within_tolerance(tmp_path, size,
     assert difference < DALI_MEAN_TOLERANCE
 
 
+@pytest.mark.parametrize("size, crop", [(224, 0.95), (224, 0.875), (256, 0.875), (160, 0.95), (288, 1.0), (176, 0.9)])
+def test_the_evaluation_resize_is_timms(size, crop):
+    """timm's eval transform resizes to floor(size / crop_pct) (224 / 0.95 -> 235, where rounding gives 236)."""
+    from timm.data.transforms_factory import transforms_imagenet_eval
+
+    from imagenet_resnet.data.sizes import val_resize_side
+
+    timm_resize = next(t for t in transforms_imagenet_eval(size, crop_pct=crop).transforms if hasattr(t, "size"))
+    data = imagenet_cfg(size, 0, crop).data
+    assert val_resize_side(data) == timm_resize.size
+    # evaluate --pretrained passes a published transform's resize as the fraction crop / resize
+    assert val_resize_side(imagenet_cfg(size, 0, size / timm_resize.size).data) == timm_resize.size
+
+
+def test_crop_first_takes_ffcvs_centre_square_then_resizes(tmp_path):
+    """ffcv's CenterCropRGBImageDecoder: a square of int(0.875 x 200) = 175 px at offsets
+    ((200 - 175) // 2, (300 - 175) // 2) = (12, 62), resized to the val size; DALI's the same."""
+    image = torch.from_numpy(ramp(300, 200)).permute(2, 0, 1)
+    got = val_transform(imagenet_cfg(32, 48, 0.875, "data.val_crop_first=true"))(image)
+    assert torch.equal(got, v2.Resize((48, 48), antialias=True)(image[:, 12:187, 62:237]))
+    path = tmp_path / "ramp.png"
+    Image.fromarray(ramp(300, 200)).save(path)
+    reference = got.permute(1, 2, 0).numpy().astype(np.float64)
+    dali = dali_batch([path], train=False, size=48, crop=0.875, crop_first=True)[0]
+    assert np.abs(dali - reference).mean() < 0.1  # 0.007 levels measured: the same square, the same resize
+    plain = dali_batch([path], train=False, size=48, crop=0.875)[0]  # resize first: a square 1 px off
+    assert np.abs(plain - reference).mean() > 0.5
+
+
 def test_predict_reads_a_large_jpeg_reduced_and_crops_it_as_evaluation_does(tmp_path):
-    from imagenet_resnet.data.transforms import val_resize_side
+    from imagenet_resnet.data.sizes import val_resize_side
     from imagenet_resnet.predict import load_image
 
     path = tmp_path / "large.jpg"
     Image.fromarray(ramp(2400, 1600)).save(path, quality=95)
     cfg = imagenet_cfg(64)
-    image = load_image(path, 3, val_resize_side(cfg), max_pixels=10**6)  # 3.8 MP in full: only 1/8 fits
+    image = load_image(path, 3, val_resize_side(cfg.data), max_pixels=10**6)  # 3.8 MP in full: only 1/8 fits
     assert image.shape == (3, 200, 300)
     crop = val_transform(cfg)(image).permute(1, 2, 0).numpy()
     assert edges(crop) == pytest.approx(expected_edges(2400, 1600, 64, 0.875), abs=3.0)  # + JPEG's own error
@@ -233,6 +268,40 @@ def test_the_interpolation_key_reaches_both_loaders_train_crops(tmp_path):
     bilinear, default, bicubic = (dali_batch([path] * 4, train=True, size=32, seed=3, **keys)
                                   for keys in ({"interpolation": "bilinear"}, {}, {"interpolation": "bicubic"}))
     assert np.array_equal(bilinear, default) and not np.array_equal(bilinear, bicubic)
+
+
+def test_random_train_interpolation_picks_bilinear_or_bicubic_per_image_in_both_loaders(tmp_path):
+    """timm's --train-interpolation random (RSB): each crop bilinear or bicubic, by a coin per image;
+    data.interpolation stays evaluation's. RandAugment's geometric ops then pick per op (timm's
+    hparams without an interpolation)."""
+    from timm.data.auto_augment import _RANDOM_INTERPOLATION, AugmentOp
+
+    from imagenet_resnet.data.transforms import timm_hparams
+
+    image = torch.from_numpy(noise()).permute(2, 0, 1)
+
+    def torchvision_crop(seed: int, *keys: str) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return train_transform(imagenet_cfg(32, 0, 0.875, "data.interpolation=bicubic", *keys).data, size=32)(image)
+
+    picked = []
+    for seed in range(30):
+        crop = torchvision_crop(seed, "data.train_interpolation=random")
+        picked.append([torch.equal(crop, torchvision_crop(seed, f"data.train_interpolation={name}"))
+                       for name in ("bilinear", "bicubic")])
+    assert all(sum(p) == 1 for p in picked) and 5 < sum(p[0] for p in picked) < 25
+    path = tmp_path / "noise.png"
+    Image.fromarray(noise()).save(path)
+    crops = {name: dali_batch([path] * 16, train=True, size=32, seed=3, interpolation=name)
+             for name in ("random", "bilinear", "bicubic")}
+
+    def same(a: np.ndarray, b: np.ndarray) -> bool:  # up to the flip, whose coin the extra one moves
+        return np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+
+    kinds = [[same(crops["random"][i], crops[name][i]) for name in ("bilinear", "bicubic")] for i in range(16)]
+    assert all(sum(k) == 1 for k in kinds) and 2 <= sum(k[0] for k in kinds) <= 14
+    op = AugmentOp("Rotate", hparams=timm_hparams(32, (0.5, 0.5, 0.5), "random"))
+    assert op.kwargs["resample"] == _RANDOM_INTERPOLATION
 
 
 # --- the lr of each optimizer step ------------------------------------------------------------

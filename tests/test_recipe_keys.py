@@ -33,12 +33,15 @@ CASES = [
     ("data.val_image_size", "48", (), "evaluation"),
     ("data.val_crop_fraction", "0.5", (), "evaluation"),
     ("data.val_flip_tta", "true", (), "evaluation"),
+    ("data.val_crop_first", "true", (), "evaluation"),
     ("data.mixup_alpha", "0.5", (), "update"),
     ("data.cutmix_alpha", "1.0", (), "update"),
     ("data.auto_augment", "rand-m9-mstd0.5", (), "batch"),
     ("data.interpolation", "bicubic", (), "batch"),
+    ("data.train_interpolation", "bicubic", (), "batch"),
     ("data.crop_min_area", "0.9", (), "batch"),
     ("data.repeated_augmentation", "3", (), "batch"),
+    ("data.repeated_augmentation_round", "64", ("data.repeated_augmentation=3",), "update"),  # fewer steps
     ("data.loader", "dali", (), "batch"),
     ("data.crop_padding", "0", ("cifar",), "batch"),
     ("optim.name", "lamb", (), "update"),
@@ -62,6 +65,8 @@ CASES = [
     ("schedule.warmup_start_factor", "0.5", WARMUP, "update"),
     ("schedule.warmup_from_base_lr", "true", WARMUP, "update"),
     ("schedule.end_lr_factor", "0.5", (), "update"),
+    ("schedule.warmup_prefix", "false", ("schedule.warmup_epochs=1",), "update"),
+    ("schedule.per_epoch", "true", (), "update"),
 ]
 # Keys that choose where the data is, how it is fetched or how many processes read it: the same
 # numbers whatever their value (the loaders' exact-resume tests hold them to that).

@@ -3,6 +3,7 @@ computation, and a run with all of them stopped at a random moment resumes exact
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import signal
@@ -58,6 +59,38 @@ def test_lars_scales_decayed_weights_by_the_trust_ratio_and_leaves_norms_and_bia
         assert torch.allclose(after[plain], before[plain] - 0.5 * grads[plain], atol=1e-6)
 
 
+def test_lars_with_momentum_is_mxnets_form_with_its_momentum_correction():
+    """NVIDIA's MXNet LARS (MLPerf v1.0 common/fit.py) keeps the lr inside the momentum buffer,
+    v = m (lr_t / lr_t-1) v + lr_t trust (g + wd w), w -= v; timm's keeps it outside. With fit.py's
+    momentum correction the two are the same update over a warmup and a poly decay; without it
+    they are not (the correction is what makes the recipe's header true)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4)).double()
+    eta, wd, m = 0.02, 0.1, 0.9
+    opt = build_optimizer(net, OptimConfig(name="lars", momentum=m, weight_decay=wd, lars_trust_coeff=eta), lr=1.0)
+    lrs = [1.0 * (t + 1) / 20 for t in range(20)] + [1.0 * (1 - t / 180) ** 2 + 1e-4 for t in range(180)]
+    start = {k: v.detach().double().clone() for k, v in net.named_parameters()}
+    mxnet = {corrected: (dict(start), {k: torch.zeros_like(v) for k, v in start.items()}) for corrected in (1, 0)}
+    for t, lr in enumerate(lrs):
+        grads = {k: torch.randn_like(p) for k, p in net.named_parameters()}
+        for k, p in net.named_parameters():
+            p.grad = grads[k].clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        for corrected, (weights, velocity) in mxnet.items():
+            ratio = lr / lrs[t - 1] if t and corrected else 1.0
+            for k, w in weights.items():
+                g = grads[k].double()
+                update = g + wd * w if k == "0.weight" else g  # BN and biases: plain SGD with momentum
+                trust = eta * w.norm() / (g.norm() + wd * w.norm()) if k == "0.weight" else 1.0
+                velocity[k] = m * ratio * velocity[k] + lr * trust * update
+                weights[k] = w - velocity[k]
+    ours = {k: p.detach().double() for k, p in net.named_parameters()}
+    gap = {c: max(float((ours[k] - w).abs().max()) for k, w in mxnet[c][0].items()) for c in (1, 0)}
+    assert gap[1] < 1e-7 and gap[0] > 1e-2, gap
+
+
 def test_lamb_adapts_only_decayed_weights():
     net, before, grads = one_step("lamb")
     after = dict(net.named_parameters())
@@ -100,6 +133,29 @@ def test_mlperf_end_lr_and_goyal_warmup_against_their_formulas():
         assert lr * goyal.factor(step) == pytest.approx(base_lr + (lr - base_lr) * min(step, 500) / 500)
     small = Schedule.from_config(ScheduleConfig(epochs=90, warmup_epochs=5, warmup_from_base_lr=True), 100, 128)
     assert small.factor(0) == 1.0  # a batch below 256: the scaled lr is below base_lr, no warmup to do
+
+
+@pytest.mark.parametrize("warmup_epochs", [5, 0])
+def test_per_epoch_cosine_without_warmup_prefix_is_timms_cosine_scheduler(warmup_epochs):
+    """RSB's schedule: timm's CosineLRScheduler(t_initial=epochs, warmup_prefix=False) stepped once
+    per epoch (t_in_epochs), warmup from warmup_lr, ending at min_lr; every step of an epoch gets
+    that epoch's lr."""
+    from timm.scheduler import CosineLRScheduler
+
+    lr, warmup_lr, min_lr, epochs, steps = 5e-3, 1e-4, 1e-6, 30, 7
+    model = torch.nn.Linear(2, 2)
+    timms = CosineLRScheduler(torch.optim.SGD(model.parameters(), lr=lr), t_initial=epochs, lr_min=min_lr,
+                              warmup_lr_init=warmup_lr, warmup_t=warmup_epochs)
+    cfg = ScheduleConfig(epochs=epochs, kind="cosine", warmup_epochs=warmup_epochs, warmup_start_factor=warmup_lr / lr,
+                         end_lr_factor=min_lr / lr, warmup_prefix=False, per_epoch=True)
+    ours = Schedule.from_config(cfg, steps_per_epoch=steps, global_batch=256)
+    for epoch in range(epochs):
+        expected = timms._get_lr(epoch)[0]
+        assert [lr * ours.factor(epoch * steps + i) for i in range(steps)] == pytest.approx([expected] * steps,
+                                                                                           rel=1e-9)
+    per_step = Schedule.from_config(dataclasses.replace(cfg, per_epoch=False), steps_per_epoch=steps,
+                                    global_batch=256)
+    assert per_step.factor(3 * steps + 3) != ours.factor(3 * steps + 3)
 
 
 def test_train_size_follows_ffcv_progressive_resizing():
@@ -255,6 +311,8 @@ ALL_EXTRAS = [
     "data.auto_augment=rand-m9-mstd0.5-inc1",
     "data.repeated_augmentation=3",
     "data.interpolation=bicubic",
+    "data.train_interpolation=random",
+    "data.repeated_augmentation_round=32",
     "data.crop_min_area=0.05",
     "model.blurpool=true",
     "data.start_image_size=16",
@@ -263,9 +321,14 @@ ALL_EXTRAS = [
     "data.val_image_size=48",
     "data.val_crop_fraction=0.95",
     "data.val_flip_tta=true",
+    "data.val_crop_first=true",
     "schedule.kind=cosine",
     "schedule.epochs=2",
     "schedule.warmup_epochs=0.5",
+    "schedule.warmup_prefix=false",
+    "schedule.warmup_from_base_lr=false",
+    "schedule.warmup_start_factor=0.1",  # per epoch, epoch 0 trains at the warmup start
+    "schedule.per_epoch=true",
     "data.workers=1",
     "run.log_every_steps=1",
     "run.checkpoint_every_steps=3",

@@ -25,11 +25,12 @@ from imagenet_resnet.config import Config
 from imagenet_resnet.data.datasets import Samples, check_sizes, image_problem, normalization, unreadable_image
 from imagenet_resnet.data.loader import Loader, Normalizer, loader_workers, val_batches
 from imagenet_resnet.data.sampling import TrainSampler, augmentation_seed, shard_range
-from imagenet_resnet.data.sizes import train_image_size, val_image_size
+from imagenet_resnet.data.sizes import train_image_size, train_interpolation, val_image_size, val_resize_side
 from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.errors import UserError
 
 try:
+    import nvidia.dali.math as dmath
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError as err:  # pragma: no cover - depends on the machine
@@ -47,12 +48,12 @@ PREFETCH_BATCHES = 4  # the failing batch and DALI's prefetch queue (depth 2) wi
 
 @pipeline_def(enable_conditionals=True)  # rand_augment chooses its operations per sample with conditionals
 def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train: bool, size: int, gpu: bool,
-                      crop_fraction: float, policy: Policy | None, interpolation: str = "bilinear",
-                      min_area: float = 0.08):
-    """Decode + (random-resized crop, RandAugment, flip | resize-shorter + centre crop), uint8 HWC out.
-    The flip comes after RandAugment here, before it in timm: each geometric op's sign is a fair
-    coin and a mirror turns it into the opposite sign, so the distribution is the same."""
-    interp = types.INTERP_CUBIC if interpolation == "bicubic" else types.INTERP_LINEAR
+                      policy: Policy | None, interpolation: str = "bilinear", min_area: float = 0.08,
+                      resize_side: int = 0, crop_first: float = 0.0):
+    """Decode + (random-resized crop, flip, RandAugment | resize-shorter + centre crop), uint8 HWC out.
+    train: `interpolation` may be "random" (per image, as timm's "random"); val: the shorter side to
+    `resize_side` then the centre crop, or with `crop_first` (a fraction) ffcv's centre square
+    first (data.val_crop_first)."""
     jpegs, label = fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
                                    pad_last_batch=True, name="Reader")
     decoder = "mixed" if gpu else "cpu"
@@ -60,16 +61,37 @@ def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train
         images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
                                                random_aspect_ratio=[3 / 4, 4 / 3], random_area=[min_area, 1.0],
                                                num_attempts=100, hw_decoder_load=0.65)
-        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp)
-        mirror = fn.random.coin_flip(probability=0.5)  # applied by crop_mirror_normalize, after RandAugment
+        images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp_type(interpolation))
+        # timm's order: crop, flip, RandAugment (a flip after it would mirror ShearY's fill wedge)
+        images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
         if policy is not None:
             images = rand_augment(images, policy, size)
     else:
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, hw_decoder_load=0.65)
-        images = fn.resize(images, resize_shorter=round(size / crop_fraction), interp_type=interp)
-        mirror = 0
-    images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", crop=(size, size), mirror=mirror)
+        if crop_first:
+            images = centre_square(images, crop_first)
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp_type(interpolation))
+        else:
+            images = fn.resize(images, resize_shorter=resize_side, interp_type=interp_type(interpolation))
+    images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", crop=(size, size))
     return images, label.gpu() if gpu else label
+
+
+def interp_type(interpolation: str):
+    """DALI's interpolation for a resize; "random": bilinear or bicubic per sample (a coin)."""
+    if interpolation == "random":
+        coin = fn.cast(fn.random.coin_flip(probability=0.5), dtype=types.INT32)
+        return fn.cast(coin * (int(types.INTERP_CUBIC) - int(types.INTERP_LINEAR)) + int(types.INTERP_LINEAR),
+                       dtype=types.INTERP_TYPE)
+    return types.INTERP_CUBIC if interpolation == "bicubic" else types.INTERP_LINEAR
+
+
+def centre_square(images, fraction: float):
+    """ffcv's centre crop (get_center_crop): side int(fraction x shorter side), offsets rounded down."""
+    shape = images.shape(dtype=types.INT32)
+    height, width = shape[0], shape[1]
+    side = fn.cast(dmath.min(height, width) * fraction, dtype=types.INT32)
+    return fn.slice(images, fn.stack((height - side) // 2, (width - side) // 2), fn.stack(side, side), axes=[0, 1])
 
 
 class DaliLoader(Loader):
@@ -95,7 +117,7 @@ class DaliLoader(Loader):
         self.num_images = len(samples)
         if self.train:
             self.sampler = TrainSampler(len(samples), dist, cfg.run.seed, cfg.data.batch_size,
-                                        cfg.data.repeated_augmentation)
+                                        cfg.data.repeated_augmentation, cfg.data.repeated_augmentation_round)
             self.steps_per_epoch = self.sampler.steps_per_epoch
         else:
             self.shard = list(shard_range(len(samples), dist.rank, dist.world_size))
@@ -162,10 +184,11 @@ class DaliLoader(Loader):
         size = train_image_size(self.data, self.epoch) if self.train else val_image_size(self.data)
         augment = self.train and self.data.auto_augment
         pipe = imagenet_pipeline(
-            file_root=self.root, files=files, labels=labels,
-            train=self.train, gpu=gpu, crop_fraction=self.data.val_crop_fraction, size=size,
+            file_root=self.root, files=files, labels=labels, train=self.train, gpu=gpu, size=size,
             policy=timm_policy(self.data.auto_augment, size, normalization(self.data.dataset)[0]) if augment else None,
-            interpolation=self.data.interpolation, min_area=self.data.crop_min_area,
+            interpolation=train_interpolation(self.data) if self.train else self.data.interpolation,
+            min_area=self.data.crop_min_area, resize_side=val_resize_side(self.data),
+            crop_first=self.data.val_crop_fraction if self.data.val_crop_first else 0.0,
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
             seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
             enable_checkpointing=self.train, checkpoint=self.checkpoint,

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Iterator
 
@@ -53,15 +54,23 @@ class TrainSampler(DistributedSampler):
     With repeats > 1, repeated augmentation as timm's RepeatAugSampler (and torchvision's RASampler)
     draws it: the epoch's permutation with each image repeated `repeats` times in a row, padded
     from its start to a multiple of the world size, dealt round-robin to the ranks, and each rank
-    keeps its first num_images // world_size. An epoch has the dataset's length; consecutive copies
-    go to consecutive ranks (the same rank in a single process), each with its own seed.
+    keeps its first floor(num_images // round * round / world_size) (timm's selected_round, 256 by
+    default; ceil(num_images / world_size) when round is 0 or above num_images). An epoch has about
+    the dataset's length; consecutive copies go to consecutive ranks (the same rank in a single
+    process), each with its own seed.
     """
 
-    def __init__(self, num_images: int, dist: DistInfo, seed: int, batch_size: int, repeats: int = 0) -> None:
+    def __init__(self, num_images: int, dist: DistInfo, seed: int, batch_size: int, repeats: int = 0,
+                 round_to: int = 256) -> None:
         super().__init__(range(num_images), dist.world_size, dist.rank, shuffle=True, seed=seed, drop_last=True)
         self.repeats = max(1, repeats)
         if self.repeats > 1:
-            self.num_samples = num_images // dist.world_size
+            world = dist.world_size
+            if round_to and num_images >= round_to:
+                selected = math.floor(num_images // round_to * round_to / world)
+            else:
+                selected = math.ceil(num_images / world)
+            self.num_samples = min(selected, math.ceil(num_images * self.repeats / world))
         self.batch_size = batch_size
         self.steps_per_epoch = self.num_samples // batch_size
         self.start = 0

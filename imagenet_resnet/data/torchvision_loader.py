@@ -157,7 +157,8 @@ def build_torchvision_loaders(cfg: Config, dist: DistInfo, normalize: Normalizer
         )
         return loader
 
-    sampler = TrainSampler(len(train_samples), dist, cfg.run.seed, cfg.data.batch_size, cfg.data.repeated_augmentation)
+    sampler = TrainSampler(len(train_samples), dist, cfg.run.seed, cfg.data.batch_size, cfg.data.repeated_augmentation,
+                           cfg.data.repeated_augmentation_round)
     train = HostLoader(make("train", train_samples, train_for, sampler, True), normalize, dist.device,
                        len(train_samples), sampler.steps_per_epoch, lambda epoch: train_image_size(cfg.data, epoch),
                        "train")

@@ -8,13 +8,14 @@ The DALI pipeline does the same steps with DALI's operators; `predict` uses `val
 
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import torch
 
 from imagenet_resnet.config import Config, DataConfig, parse_rand_augment
 from imagenet_resnet.data.datasets import SMALL_DATASETS, normalization
-from imagenet_resnet.data.sizes import val_image_size
+from imagenet_resnet.data.sizes import train_interpolation, val_crop_side, val_image_size, val_resize_side
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,22 +32,38 @@ def train_transform(data: DataConfig, size: int) -> Transform:
     timm draws from Python's and NumPy's generators: the dataset seeds both per image."""
     from torchvision.transforms import v2
 
-    steps = [v2.RandomResizedCrop(size, scale=(data.crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
-                                  interpolation=interpolation_mode(data.interpolation), antialias=True),
-             v2.RandomHorizontalFlip()]
+    interpolation = train_interpolation(data)
+    crops = [v2.RandomResizedCrop(size, scale=(data.crop_min_area, 1.0), ratio=(3 / 4, 4 / 3),
+                                  interpolation=interpolation_mode(name), antialias=True)
+             for name in (("bilinear", "bicubic") if interpolation == "random" else (interpolation,))]
+    steps = [crops[0] if len(crops) == 1 else RandomChoice(crops), v2.RandomHorizontalFlip()]
     if data.auto_augment:
-        hparams = timm_hparams(size, normalization(data.dataset)[0], data.interpolation)
+        hparams = timm_hparams(size, normalization(data.dataset)[0], interpolation)
         steps += [v2.ToPILImage(), timm_rand_augment(data.auto_augment, hparams), v2.PILToTensor()]
     return v2.Compose(steps)
 
 
+class RandomChoice:
+    """One of `transforms` per image, picked with Python's generator as timm's
+    RandomResizedCropAndInterpolation picks its interpolation for "random"."""
+
+    def __init__(self, transforms: list[Transform]) -> None:
+        self.transforms = transforms
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return random.choice(self.transforms)(image)
+
+
 def timm_hparams(size: int, mean: tuple[float, ...], interpolation: str) -> dict:
     """The hparams timm's create_transform gives its RandAugment for a train crop of `size`: the
-    mean pixel as fill, translation bound, the resize's interpolation for the geometric ops."""
+    mean pixel as fill, translation bound, the resize's interpolation for the geometric ops; for
+    "random" none, so that each op picks bilinear or bicubic (timm's _RANDOM_INTERPOLATION)."""
     from timm.data.transforms import str_to_pil_interp
 
-    return {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in mean),
-            "interpolation": str_to_pil_interp(interpolation)}
+    hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * x)) for x in mean)}
+    if interpolation != "random":
+        hparams["interpolation"] = str_to_pil_interp(interpolation)
+    return hparams
 
 
 def timm_rand_augment(config: str, hparams: dict):
@@ -72,17 +89,28 @@ def _posterize(img, bits_to_keep: int, **kwargs):
 
 def val_transform(cfg: Config) -> Transform:
     """The evaluation resize and centre crop, for any image: the torchvision val loader and
-    `predict` use this one. ImageNet-style data: shorter side to val size / data.val_crop_fraction,
-    then the centre val size square (FixRes when data.val_image_size exceeds the train size)."""
+    `predict` use this one. ImageNet-style data: shorter side to floor(val size / data.val_crop_fraction),
+    then the centre val size square (FixRes when data.val_image_size exceeds the train size); with
+    data.val_crop_first (ffcv) the centre square first, then the resize."""
     from torchvision.transforms import v2
 
-    size = SMALL_DATASETS[cfg.data.dataset].size if cfg.data.dataset in SMALL_DATASETS else val_image_size(cfg.data)
-    return v2.Compose([v2.Resize(val_resize_side(cfg), interpolation=interpolation_mode(cfg.data.interpolation),
-                                 antialias=True), v2.CenterCrop(size)])
+    data = cfg.data
+    size = SMALL_DATASETS[data.dataset].size if data.dataset in SMALL_DATASETS else val_image_size(data)
+    interpolation = interpolation_mode(data.interpolation)
+    if data.val_crop_first:
+        return v2.Compose([CentreSquare(data), v2.Resize((size, size), interpolation=interpolation, antialias=True)])
+    return v2.Compose([v2.Resize(val_resize_side(data), interpolation=interpolation, antialias=True),
+                       v2.CenterCrop(size)])
 
 
-def val_resize_side(cfg: Config) -> int:
-    """The shorter side evaluation resizes an image to, before its centre crop."""
-    if cfg.data.dataset in SMALL_DATASETS:
-        return SMALL_DATASETS[cfg.data.dataset].size
-    return round(val_image_size(cfg.data) / cfg.data.val_crop_fraction)
+class CentreSquare:
+    """ffcv's centre crop: a square of int(fraction x shorter side), offsets rounded down."""
+
+    def __init__(self, data: DataConfig) -> None:
+        self.data = data
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        side = val_crop_side(self.data, height, width)
+        return image[..., (height - side) // 2 : (height - side) // 2 + side, (width - side) // 2 :
+                     (width - side) // 2 + side]
