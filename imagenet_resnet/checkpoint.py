@@ -1,11 +1,14 @@
 """The checkpoint: its keys (this module alone reads and writes them), and files that survive a
 kill at any moment.
 
-`Checkpoint` is the saved state as fields: training builds one and `save`s it; resume, evaluate,
-predict, export and `upgrade` read one back through `load_checkpoint`. `save` writes a
-temporary file, fsyncs it, moves the old file aside as `<name>.prev` and renames the new one
-into place: at every instant one complete checkpoint exists, and a write that fails (disk full,
-folder gone) leaves the previous one as it was.
+`Checkpoint` is the saved state as fields: training builds one and hands it to a
+`CheckpointWriter` (or `save`s it); resume, evaluate, predict, export and `upgrade` read one back
+through `load_checkpoint`. `save` writes a temporary file, fsyncs it, moves the old file aside as
+`<name>.prev` and renames the new one into place: at every instant one complete checkpoint
+exists, and a write that fails (disk full, folder gone) leaves the previous one as it was.
+best.pt is a hard link to the last.pt just written, not a second serialisation.
+`CheckpointWriter` copies the state to host memory and writes it on a thread of its own, so
+training goes on while it is serialised and written.
 `load_latest` takes the newest readable one, warns when it had to fall back, and refuses
 (rather than start over) when there are checkpoints but none can be read.
 
@@ -15,6 +18,7 @@ Checkpoints written before that rule (NumPy RNG state inside) are converted once
 which also runs no code from the file:
 
     save(checkpoint, out_dir, best=True)               # last.pt and best.pt, each a complete file
+    writer.submit(checkpoint, out_dir, best=True)      # the same in the background; writer.wait() ends it
     saved, path = load_latest(out_dir)                # (None, None) when nothing was saved yet
     restore_rng(saved.rng[rank])
     python -m imagenet_resnet.checkpoint upgrade runs/x/last.pt   # an older checkpoint, in place
@@ -22,16 +26,18 @@ which also runs no code from the file:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import random
 import re
 import sys
+import threading
 import zipfile
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import safetensors.torch
@@ -39,7 +45,7 @@ import torch
 
 from imagenet_resnet.cli import command, existing_file, run_main
 from imagenet_resnet.errors import UserError
-from imagenet_resnet.files import replacing, write_atomic, write_synced
+from imagenet_resnet.files import link_atomic, replacing, write_atomic, write_synced
 from imagenet_resnet.unpickle import numpy_reconstruct
 
 LAST = "last.pt"
@@ -56,8 +62,8 @@ class Position:
 
 @dataclass
 class Checkpoint:
-    """What a checkpoint holds. Per-rank lists (rng, loader, train_sums, ema_buffers) are in rank
-    order; `init_tensors` names the tensors model.init_from loaded (their lr is scaled)."""
+    """What a checkpoint holds. Per-rank lists (rng, loader, train_sums, ema_buffers, model_buffers)
+    are in rank order; `init_tensors` names the tensors model.init_from loaded (their lr is scaled)."""
 
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
@@ -76,6 +82,7 @@ class Checkpoint:
     init_tensors: list[str] | None = None
     model_ema: dict[str, torch.Tensor] | None = None
     ema_buffers: list[dict[str, torch.Tensor]] | None = None
+    model_buffers: list[dict[str, torch.Tensor]] | None = None  # each rank's BatchNorm statistics
 
     # Keys as written since the first version; `init_tensors` is stored as "pretrained".
     _KEY_OF = {"init_tensors": "pretrained"}
@@ -100,10 +107,65 @@ class Checkpoint:
 
 def save(checkpoint: Checkpoint, out_dir: Path, best: bool = False) -> None:
     """last.pt and, if `best`, best.pt (each keeping its previous file as .prev): one serialisation."""
+    write_state(checkpoint.to_state(), out_dir, best)
+
+
+def write_state(state: dict[str, Any], out_dir: Path, best: bool) -> None:
     data = io.BytesIO()
-    torch.save(checkpoint.to_state(), data)  # in memory first: a failed write then raises OSError with its cause
-    for name in (LAST, BEST) if best else (LAST,):
-        write_checkpoint(data, out_dir / name)
+    torch.save(state, data)  # in memory first: a failed write then raises OSError with its cause
+    write_checkpoint(data, out_dir / LAST)
+    if best:
+        link_checkpoint(out_dir / BEST, out_dir / LAST)
+
+
+def to_host(value: Any) -> Any:
+    """`value` with every tensor copied to host memory: a snapshot that training cannot change."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: to_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_host(item) for item in value)
+    return value
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread while training goes on (timm's and DLE's savers
+    block every rank instead). `submit` copies the state to host memory, at the agreement point,
+    and returns; a write still in flight is finished first. `wait` finishes the current one (before
+    a stop, and at the end); it and `submit` raise the UserError of a write that failed, and
+    `failure` tells without waiting. The thread is not a daemon: a process that ends for any
+    other reason still completes the file it was writing, and a SIGKILL mid-write leaves the
+    previous checkpoint (writes are atomic).
+    """
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.error: UserError | None = None
+
+    def submit(self, checkpoint: Checkpoint, out_dir: Path, best: bool) -> None:
+        self.wait()
+        state = to_host(checkpoint.to_state())
+        self.thread = threading.Thread(target=self._write, args=(state, out_dir, best), name="checkpoint-writer")
+        self.thread.start()
+
+    def _write(self, state: dict[str, Any], out_dir: Path, best: bool) -> None:
+        try:
+            write_state(state, out_dir, best)
+        except UserError as err:
+            self.error = err
+
+    def failure(self) -> UserError | None:
+        """The error of a write that has failed, without waiting for one in flight."""
+        return self.error if self.thread is not None and not self.thread.is_alive() else None
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -146,8 +208,20 @@ def write_checkpoint(data: io.BytesIO, path: Path) -> None:
     A failed write removes the temporary file and raises UserError naming the folder and the
     cause; `path` is then still the previous, complete checkpoint.
     """
-    try:
+    with _failure_named(path):
         write_atomic(path, data.getbuffer(), previous=".prev")
+
+
+def link_checkpoint(path: Path, source: Path) -> None:
+    """`path` (best.pt) becomes the file `source` (last.pt) is, the previous one kept as .prev."""
+    with _failure_named(path):
+        link_atomic(path, source, previous=".prev")
+
+
+@contextlib.contextmanager
+def _failure_named(path: Path) -> Iterator[None]:
+    try:
+        yield
     except OSError as err:
         cause = err.strerror or str(err)
         kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"

@@ -303,6 +303,9 @@ class RunConfig:
     resume: str = ""  # a checkpoint path; empty: continue from out_dir/last.pt if present
     checkpoint_every_steps: int = 0  # also save inside an epoch every N steps (0: epoch ends only)
     log_every_steps: int = 50  # step loss/lr to wandb and plain log lines
+    # Evaluate after every N-th epoch and after the last (MLPerf evaluates every 4); best.pt is
+    # chosen among evaluated epochs, and each metrics.jsonl record says whether it was evaluated.
+    eval_every_epochs: int = 1
     # Resuming on a different number of processes: keep_global_batch changes gradient accumulation
     # so the global batch and schedule stay as they were; scale_lr keeps the per-process batch and
     # rescales lr by the linear rule.
@@ -326,6 +329,7 @@ class RunConfig:
         _not_a_folder("run.resume", self.resume)
         _number("run.checkpoint_every_steps", self.checkpoint_every_steps, 0)
         _number("run.log_every_steps", self.log_every_steps, 1)
+        _number("run.eval_every_epochs", self.eval_every_epochs, 1, 10_000)
         _number("run.lease_timeout_s", self.lease_timeout_s, 1, 3600)
         _number("run.collective_timeout_s", self.collective_timeout_s, 5, 86400)
 

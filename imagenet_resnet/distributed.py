@@ -139,9 +139,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def average_buffers(module: torch.nn.Module) -> None:
     """Average floating-point buffers (BN running stats) over ranks.
 
-    Without SyncBN each rank's running statistics drift from its own batches after DDP's
-    broadcast at the start of forward; averaging before evaluation and saving makes the number
-    logged and the checkpoint written describe the same model.
+    Without SyncBN each rank's running statistics follow its own batches (DDP does not broadcast
+    them: broadcast_buffers=False); averaging at each epoch's end, before evaluation and saving,
+    makes the number logged and the checkpoint written describe the same model (timm's
+    distribute_bn "reduce").
     """
     if not torch_dist.is_initialized():
         return

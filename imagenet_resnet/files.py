@@ -6,6 +6,7 @@ the path is replaced, never written through.
 
     write_atomic(out_dir / "config.yaml", text)
     write_atomic(out_dir / "last.pt", data, previous=".prev")      # the old file kept as last.pt.prev
+    link_atomic(out_dir / "best.pt", out_dir / "last.pt", previous=".prev")  # the same file, no second write
     with replacing(out) as tmp:                                      # a writer that needs a path
         torch.onnx.export(net, example, tmp)
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -69,3 +71,17 @@ def write_atomic(path: Path, data: bytes | memoryview | str, *, tmp: Path | None
     """`path` holds `data` afterwards, or (on OSError) what it held before."""
     with replacing(path, tmp=tmp, previous=previous, mode=mode) as partial:
         write_synced(partial, data)
+
+
+def link_atomic(path: Path, source: Path, *, previous: str = "") -> None:
+    """`path` becomes a hard link to the complete file `source` (a copy, fsynced, where the
+    filesystem has no hard links: FAT, some network mounts), replacing it as write_atomic does.
+    `source` must only ever be replaced by rename, never written in place."""
+    with replacing(path, previous=previous) as partial:
+        try:
+            os.link(source, partial)
+        except OSError:
+            remove_quietly(partial)
+            shutil.copyfile(source, partial)
+            with open(partial, "rb+") as f:
+                os.fsync(f.fileno())

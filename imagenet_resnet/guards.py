@@ -57,11 +57,17 @@ class Guards:
         """Remember the first step whose loss is not finite, on the device (no host sync)."""
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
 
-    def agree(self, epoch: int) -> bool:
-        """Collective: UserError if any rank saw a non-finite loss; else whether any rank got SIGTERM."""
-        flags = torch.stack([(self.first_bad >= 0).double(),
-                             torch.tensor(float(self.stop_requested), dtype=torch.float64, device=self.device)])
-        bad, stop = all_reduce_sum(flags).tolist()
+    def agree(self, epoch: int, failed: UserError | None = None) -> bool:
+        """Collective, one all-reduce and one host read: UserError if any rank saw a non-finite loss
+        or `failed` (rank 0's background checkpoint write; the other ranks exit with status 2
+        quietly, as after any rank-0 error); else whether any rank got SIGTERM."""
+        host = torch.tensor([float(self.stop_requested), float(failed is not None)], dtype=torch.float64)
+        flags = torch.cat([(self.first_bad >= 0).double().reshape(1), host.to(self.device)])
+        bad, stop, write_failed = all_reduce_sum(flags).tolist()
+        if write_failed:
+            if failed is not None:
+                raise failed
+            raise SystemExit(2)
         if bad:
             local = int(self.first_bad.item())
             raise self.diverged(f"non-finite training loss at epoch {epoch}, "

@@ -71,7 +71,12 @@ def wrap_model(net: nn.Module, dist: DistInfo, run: RunConfig) -> tuple[nn.Modul
     """
     wrapped = net
     if dist.is_distributed:
-        wrapped = DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+        # broadcast_buffers=False: no broadcast of rank 0's BatchNorm statistics at every forward
+        # (timm's --no-ddp-bb); each rank keeps its own, averaged before evaluation and saving
+        # (timm's distribute_bn "reduce") and saved per rank mid-epoch. gradient_as_bucket_view:
+        # gradients live in DDP's all-reduce buckets, no copy in and out (PyTorch's DDP docs).
+        wrapped = DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None,
+                                          broadcast_buffers=False, gradient_as_bucket_view=True)
     if not run.compile:
         return wrapped, net
     return torch.compile(wrapped, mode=run.compile_mode), torch.compile(net, mode=run.compile_mode)

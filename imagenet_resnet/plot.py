@@ -73,7 +73,8 @@ def summary_table(run_dirs: list[Path]) -> str:
     ]
     for run in run_dirs:
         records = read_metrics(run)
-        last = records[-1]
+        last = next((r for r in reversed(records) if "val_top1" in r), {"val_top1": float("nan"),
+                                                                         "val_top5": float("nan"), "val_images": 0})
         speed = sum(r["images_per_sec"] for r in records) / len(records)
         rows.append(f"| {run} | {len(records)} | {speed:.0f} | {100 * last['data_wait_fraction']:.0f}% | "
                     f"{last['val_top1']:.2f} | {last['val_top5']:.2f} | {last['val_images']} |")

@@ -2,7 +2,7 @@
 and wandb before it hangs a run.
 
     waits = GradientWait(net, device)                # before DDP wraps net
-    loss.backward(); waits.step_done()               # after the backward that synchronises
+    waits.arm(); loss.backward(); waits.step_done()  # around the backward that synchronises
     rank_times(elapsed_s, data_wait_s, steps, waits) # at the epoch's end, on every rank
 """
 
@@ -18,39 +18,45 @@ from imagenet_resnet.distributed import all_gather_objects
 
 class GradientWait:
     """How long this rank waits for the others in DDP's gradient all-reduce, summed over steps: from
-    the moment its own last gradient is ready (a post-accumulate-grad hook on every trainable
-    parameter) until backward returns, which under DDP is once every rank's gradients are summed.
+    the moment its own last gradient is ready until backward returns, which under DDP is once every
+    rank's gradients are summed. The last gradient backward computes is the first layer's (the
+    first trainable parameter's): one post-accumulate-grad hook on it, armed only for the backward
+    that synchronises (none on no_sync micro-batches), marks the moment.
 
     The rank that waits least is the one the others wait for: its step time minus this wait is the
     time it needs on its own, which is what tells a slow node from a fast one (with DDP's per-step
-    synchronisation, every rank's wall time per step is the same). The hooks run on the thread that
+    synchronisation, every rank's wall time per step is the same). The hook runs on the thread that
     called backward, in Python: a hook of DDP's communication instead runs its Python callbacks on
     the backend's threads, and a DataLoader worker forked meanwhile can inherit a held interpreter
     lock and hang (seen with Python 3.11). On CUDA the two moments are CUDA events, read per epoch.
 
         waits = GradientWait(net, device)       # before DDP wraps net
-        loss.backward(); waits.step_done()      # after the backward that synchronises
+        waits.arm(); loss.backward(); waits.step_done()   # around the backward that synchronises
         waits.take()                            # seconds since the last take
     """
 
     def __init__(self, net: torch.nn.Module, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.ready: Any = None  # this step's last gradient: a host time, or a CUDA event re-recorded
+        self.first = next(param for param in net.parameters() if param.requires_grad)
+        self.hook: Any = None
+        self.ready: Any = None  # this step's last gradient: a host time, or a CUDA event
         self.seconds = 0.0
         self.events: list[tuple[Any, Any]] = []
-        for param in net.parameters():
-            if param.requires_grad:
-                param.register_post_accumulate_grad_hook(self._gradient_ready)
+
+    def arm(self) -> None:
+        self.hook = self.first.register_post_accumulate_grad_hook(self._gradient_ready)
 
     def _gradient_ready(self, param: torch.Tensor) -> None:
         if self.cuda:
-            if self.ready is None:
-                self.ready = torch.cuda.Event(enable_timing=True)
+            self.ready = torch.cuda.Event(enable_timing=True)
             self.ready.record()
         else:
             self.ready = time.perf_counter()
 
     def step_done(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
         if self.ready is None:
             return
         if self.cuda:

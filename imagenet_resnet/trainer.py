@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from imagenet_resnet import checkpoint, resume
-from imagenet_resnet.checkpoint import LAST, Checkpoint, Position, capture_rng, restore_rng, unwrap
+from imagenet_resnet.checkpoint import LAST, Checkpoint, CheckpointWriter, Position, capture_rng, restore_rng, unwrap
 from imagenet_resnet.config import Config, config_to_dict, save_config
 from imagenet_resnet.data import build_loaders, resolve_loader
 from imagenet_resnet.data.datasets import class_names
@@ -54,6 +54,9 @@ class Trainer:
         self.cfg, self.dist, self.lease = cfg, dist, lease  # lease: rank 0's hold on out_dir
         self.out_dir = Path(cfg.run.out_dir)
         self.amp = amp_dtype(cfg, dist.device)
+        # cuDNN times its convolution algorithms once per input shape and keeps the fastest (DLE,
+        # timm and ffcv all set this; train shapes change only with progressive resizing).
+        torch.backends.cudnn.benchmark = dist.device.type == "cuda"
         torch.manual_seed(cfg.run.seed + dist.rank)
         self.train_loader, self.val_loader, self.num_classes = build_loaders(cfg, dist, self.amp or torch.float32)
         self.class_names = class_names(cfg) if dist.is_main else []  # saved for predict and export
@@ -66,12 +69,16 @@ class Trainer:
         self.position, self.train_sums = Position(), self._zero_sums()
         self.data_wait_s, self.show_bar = 0.0, False  # seconds waiting for batches this epoch; tqdm or log lines
         self.best_top1, self.best_weights = 0.0, "model"
+        self.own_buffers: dict[str, torch.Tensor] | None = None  # this rank's BatchNorm statistics, mid-epoch
         if saved is not None:
             self._restore(saved, path)
         self.gradient_wait = GradientWait(self.net, dist.device) if dist.is_distributed else None  # stragglers
         self.model, self.eval_net = wrap_model(self.net, dist, cfg.run)
+        if self.own_buffers:  # after DDP gave every rank rank 0's: this rank's own, as if never stopped
+            unwrap(self.net).load_state_dict(self.own_buffers, strict=False)
         self.ema = build_ema(self.net, cfg.model.ema_decay, saved, dist)  # after DDP gave all rank 0's weights
         self.guards = guards or Guards(dist.device, self.out_dir / LAST)
+        self.writer = CheckpointWriter()  # rank 0's: saves are written while training goes on
         self.finished, self.first_epoch = self.position.epoch >= cfg.schedule.epochs, self.position.epoch
         self.log = self._start_log(resumed=saved is not None) if dist.is_main and not self.finished else None
 
@@ -107,6 +114,8 @@ class Trainer:
         if carry.exact:
             self.train_sums = saved.train_sums[self.dist.rank].to(self.dist.device)
             restore_rng(saved.rng[self.dist.rank])
+            if saved.model_buffers:
+                self.own_buffers = saved.model_buffers[self.dist.rank]
             if carry.restore_loader:
                 self.train_loader.restore(saved.loader[self.dist.rank])
         elif self.dist.is_main:  # the partial epoch's sums, all on one rank: the totals stay right
@@ -140,6 +149,9 @@ class Trainer:
         loader = all_gather_objects(self.train_loader.state())
         # Each rank's EMA follows its own BatchNorm statistics (averaged only for evaluation).
         ema_buffers = all_gather_objects({k: v.cpu() for k, v in self.ema.module.named_buffers()}) if self.ema else None
+        # DDP leaves each rank its own BatchNorm statistics (broadcast_buffers=False): kept per rank too.
+        model_buffers = (all_gather_objects({k: v.cpu() for k, v in unwrap(self.net).named_buffers()})
+                         if self.dist.is_distributed else None)
 
         def write() -> None:
             if self.lease:
@@ -150,10 +162,15 @@ class Trainer:
                 loader=loader, config=config_to_dict(self.cfg), num_classes=self.num_classes,
                 world_size=self.dist.world_size, global_batch=self.global_batch, best_weights=self.best_weights,
                 scaler=self.scaler.state_dict(), class_names=self.class_names, init_tensors=sorted(self.init_tensors),
-                model_ema=self.ema.module.state_dict() if self.ema else None, ema_buffers=ema_buffers)
-            checkpoint.save(state, self.out_dir, best)
+                model_ema=self.ema.module.state_dict() if self.ema else None, ema_buffers=ema_buffers,
+                model_buffers=model_buffers)
+            self.writer.submit(state, self.out_dir, best)  # copied to host memory now, written meanwhile
 
-        main_only(write)  # a failed write stops every rank, with one message
+        main_only(write)  # a failed write (this one's or the previous) stops every rank, with one message
+
+    def finish_writes(self) -> None:
+        """Collective: the checkpoint in flight is on disk (before a stop exits, and at the end)."""
+        main_only(self.writer.wait)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -166,7 +183,9 @@ class Trainer:
             with self.guards.watching_sigterm():
                 if self.guards.agree(self.position.epoch):  # during start-up: nothing done, nothing to save
                     raise StopRequested("before the first step; nothing needed saving")
-                return [self._run_epoch(epoch) for epoch in range(self.position.epoch, self.cfg.schedule.epochs)]
+                records = [self._run_epoch(epoch) for epoch in range(self.position.epoch, self.cfg.schedule.epochs)]
+                self.finish_writes()
+                return records
         except StopRequested as stop:
             if self.dist.is_main:
                 print(f"stopped by SIGTERM at epoch {self.position.epoch} step {self.position.step_in_epoch}; "
@@ -177,22 +196,27 @@ class Trainer:
                 self.log.close()
 
     def _run_epoch(self, epoch: int) -> dict[str, Any]:
-        """Train, evaluate (BatchNorm statistics averaged over ranks first), log, save."""
+        """Train, evaluate if due (BatchNorm statistics averaged over ranks first), log, save."""
         train_stats = self.train_epoch(epoch)
-        report_progress(self.dist, (self.position.global_step, 1), f"epoch {epoch} evaluation")
         average_buffers(self.net)
-        val_stats = self.evaluate()
+        evaluated = self._evaluation_due(epoch)
+        val_stats = self.evaluate() if evaluated else {}
         self.guards.check_evaluation(val_stats, self._nets(), epoch)
-        record = {"epoch": epoch, **train_stats, **val_stats}
-        top1, weights = max((val_stats["val_top1"], "model"), (val_stats.get("val_top1_ema", -1.0), "ema"))
-        is_best = top1 > self.best_top1
-        if is_best:
-            self.best_top1, self.best_weights = top1, weights
+        record = {"epoch": epoch, **train_stats, "evaluated": evaluated, **val_stats}
+        is_best = False
+        if evaluated:
+            top1, weights = max((val_stats["val_top1"], "model"), (val_stats.get("val_top1_ema", -1.0), "ema"))
+            is_best = top1 > self.best_top1
+            if is_best:
+                self.best_top1, self.best_weights = top1, weights
         main_only(lambda: self._record(record))
         self.position = Position(epoch + 1, 0, self.position.global_step)
         self.train_sums = self._zero_sums()
         self.save(best=is_best)
         return record
+
+    def _evaluation_due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.cfg.run.eval_every_epochs == 0 or epoch == self.cfg.schedule.epochs - 1
 
     def _nets(self) -> list[tuple[str, torch.nn.Module]]:
         return [("", unwrap(self.net))] + ([("EMA ", self.ema.module)] if self.ema else [])
@@ -206,6 +230,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The model on the val set, and its EMA (keys *_ema) when there is one."""
+        report_progress(self.dist, (self.position.global_step, 1), f"epoch {self.position.epoch} evaluation")
         tta, device = self.cfg.data.val_flip_tta, self.dist.device
         stats = evaluate(self.eval_net, self.val_loader, self.amp, device, tta)
         if self.ema:
@@ -255,6 +280,8 @@ class Trainer:
         last_micro = micro == self.accum - 1
         # DDP all-reduces gradients on the last micro-batch only.
         skip_sync = self.model.no_sync() if self.dist.is_distributed and not last_micro else contextlib.nullcontext()
+        if last_micro and self.gradient_wait:
+            self.gradient_wait.arm()
         with skip_sync:
             with autocast(self.dist.device, self.amp):
                 logits = self.model(inputs)
@@ -276,11 +303,12 @@ class Trainer:
         if not (log_due or done % STOP_CHECK_EVERY_STEPS == 0 or self._checkpoint_due(done)):
             return
         report_progress(self.dist, (self.position.global_step, 0), f"epoch {epoch} step {done}")
-        stop = self.guards.agree(epoch)
+        stop = self.guards.agree(epoch, self.writer.failure() if self.dist.is_main else None)
         if log_due:
             self._log_step(epoch, done, loss)
         if stop:
             self.save()
+            self.finish_writes()
             raise StopRequested
         if self._checkpoint_due(done):
             self.save()

@@ -50,7 +50,8 @@ def test_run_resume_only_seeds_a_folder_without_its_own_checkpoint(cifar_root, t
 def test_unreadable_checkpoints_stop_the_run_and_touch_nothing(cifar_root, tmp_path):
     out = tmp_path / "run"
     train(cifar_root, out, "schedule.epochs=2")
-    for name in ("last.pt", "last.pt.prev"):
+    for name in ("last.pt", "last.pt.prev"):  # a new file at each name: best.pt may share last.pt's
+        (out / name).unlink()
         (out / name).write_bytes(b"torn")
     before = snapshot(out)
     line = one_error_line(train(cifar_root, out, "schedule.epochs=3", check=False), str(out),

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -332,12 +334,13 @@ ALL_EXTRAS = [
     "data.workers=1",
     "run.log_every_steps=1",
     "run.checkpoint_every_steps=3",
+    "run.eval_every_epochs=2",  # epoch 0 not evaluated, epoch 1 (the last) evaluated
     "wandb.mode=disabled",
 ]
 
 
 def exact(records: list[dict]) -> list[dict]:
-    keys = EXACT_KEYS + ("val_top1_ema", "val_top5_ema", "val_loss_ema", "train_image_size")
+    keys = EXACT_KEYS + ("val_top1_ema", "val_top5_ema", "val_loss_ema", "train_image_size", "evaluated")
     return [{k: r[k] for k in keys if k in r} for r in records]
 
 
@@ -350,17 +353,51 @@ def extras_cmd(nproc: int, root: Path, out: Path, loader: str) -> list[str]:
             "-m", "imagenet_resnet.train", *args]
 
 
+@pytest.fixture(scope="module")
+def extras_reference(imagenet_root, tmp_path_factory):
+    """The uninterrupted run's exact metrics, per (loader, processes), computed once per module."""
+    done: dict[tuple[str, int], list[dict]] = {}
+
+    def reference(loader: str, nproc: int) -> list[dict]:
+        if (loader, nproc) not in done:
+            out = tmp_path_factory.mktemp("reference")
+            finish(start(extras_cmd(nproc, imagenet_root, out, loader)))
+            done[loader, nproc] = exact(read_metrics(out))
+        return done[loader, nproc]
+
+    return reference
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("loader, nproc", [("torchvision", 2), ("dali", 1)], ids=["torchvision-2proc", "dali-1proc"])
-def test_all_extras_killed_mid_epoch_resume_exactly(imagenet_root, tmp_path, loader, nproc):
+def test_all_extras_killed_mid_epoch_resume_exactly(imagenet_root, tmp_path, extras_reference, loader, nproc):
     """Each loader and each process count once (the full product took the suite two more minutes):
     sharding with 2 ranks through the torchvision loader, DALI's saved stream state in one."""
-    finish(start(extras_cmd(nproc, imagenet_root, tmp_path / "reference", loader)))
-    expected = exact(read_metrics(tmp_path / "reference"))
-    assert [r["train_image_size"] for r in expected] == [16, 32] and "val_top1_ema" in expected[0]
+    expected = extras_reference(loader, nproc)
+    assert [r["train_image_size"] for r in expected] == [16, 32] and "val_top1_ema" in expected[1]
+    assert "val_top1" not in expected[0]
     out = tmp_path / "run"
     rng = random.Random(f"{loader}{nproc}")
     kill_when(start(extras_cmd(nproc, imagenet_root, out, loader)), f"epoch {rng.choice([0, 1])} step 4/",
               rng.uniform(0.0, 1.0))
     finish(start(extras_cmd(nproc, imagenet_root, out, loader)))
     assert exact(read_metrics(out)) == expected
+
+
+@pytest.mark.e2e
+def test_killed_while_a_checkpoint_is_written_in_the_background_resumes_exactly(imagenet_root, tmp_path,
+                                                                               extras_reference):
+    """SIGKILL the moment rank 0's writer thread has a checkpoint half on disk (its temporary file
+    exists), after a complete one: the restart resumes from that one and ends exactly as an
+    uninterrupted run."""
+    out = tmp_path / "run"
+    proc = start(extras_cmd(2, imagenet_root, out, "torchvision"))
+    wait_for(proc, "epoch 0 step 4/")  # the step-3 checkpoint was submitted
+    partial = out / "last.pt.tmp"
+    while proc.poll() is None and not ((out / "last.pt").exists() and partial.exists()):
+        time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial.exists() and load_file(out / "last.pt")  # killed mid-write; the previous file whole
+    finish(start(extras_cmd(2, imagenet_root, out, "torchvision")))
+    assert exact(read_metrics(out)) == extras_reference("torchvision", 2)

@@ -47,11 +47,10 @@ def test_a_checkpoint_round_trips_through_its_file_with_the_keys_older_versions_
         load_checkpoint(tmp_path / LAST).weights("ema", tmp_path / LAST)
 
 
-def test_best_holds_what_last_holds_in_a_file_of_its_own(tmp_path):
+def test_best_is_the_last_file_written_linked_not_written_twice(tmp_path):
     save(saved_run(), tmp_path, best=True)
-    assert (tmp_path / BEST).read_bytes() == (tmp_path / LAST).read_bytes()
-    assert not os.path.samefile(tmp_path / BEST, tmp_path / LAST)  # damage to one leaves the other
-    save(saved_run(position=(2, 0, 200)), tmp_path)  # a later last.pt leaves best.pt as it was
+    assert os.path.samefile(tmp_path / BEST, tmp_path / LAST)  # a hard link: one serialisation, one write
+    save(saved_run(position=(2, 0, 200)), tmp_path)  # a later last.pt (a new file) leaves best.pt as it was
     assert load_checkpoint(tmp_path / BEST).position.epoch == 1
     assert load_checkpoint(tmp_path / LAST).position.epoch == 2
     assert load_checkpoint(tmp_path / (LAST + ".prev")).position.epoch == 1

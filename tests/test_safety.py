@@ -186,8 +186,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(cifar_roo
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "imagenet_resnet.train", *train_args(cifar_root, out, "schedule.epochs=2")],
+    proc = subprocess.run(  # the write of step 3's checkpoint fails in the background
+        [sys.executable, "-m", "imagenet_resnet.train",
+         *train_args(cifar_root, out, "schedule.epochs=2", "run.checkpoint_every_steps=3", "run.log_every_steps=1")],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,
@@ -200,6 +201,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_why(cifar_roo
     )
     assert (out / "last.pt").read_bytes() == before and not (out / "last.pt.tmp").exists()
     assert load_file(out / "last.pt")["position"]["epoch"] == 1
+    assert [r["epoch"] for r in read_metrics(out)] == [0]  # stopped at an agreement point inside epoch 1
+    # Seen at the next agreement point (every step here), not only at the next save (step 6).
+    assert "epoch 1 step 3/" in proc.stdout and "epoch 1 step 5/" not in proc.stdout
     proc = train(cifar_root, out, "schedule.epochs=2")  # the same command, with room again
     assert f"resumed from {out / 'last.pt'}: epoch 1" in proc.stdout
     assert [r["epoch"] for r in read_metrics(out)] == [0, 1]

@@ -27,6 +27,7 @@ def trained(cifar_root, tmp_path_factory):
         f"data.root={cifar_root}",
         f"run.out_dir={out}",
         "schedule.epochs=4",
+        "run.eval_every_epochs=3",  # evaluated after epochs 2 and 3 (the last)
         "wandb.mode=offline",
         "wandb.group=seeds-of-rn20",
         "wandb.tags=[baseline,cifar]",
@@ -41,6 +42,16 @@ def test_resnet20_learns_well_above_chance(trained):
     assert [r["epoch"] for r in records] == [0, 1, 2, 3]
     assert records[-1]["val_top1"] > 50  # chance is 10%
     assert records[-1]["train_loss"] < records[0]["train_loss"]
+
+
+def test_evaluation_every_third_epoch_and_the_last_and_best_only_from_those(trained):
+    out, _ = trained
+    records = read_metrics(out)
+    assert [r["evaluated"] for r in records] == [False, False, True, True]
+    assert not any(k.startswith("val_") for r in records[:2] for k in r)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["position"]["epoch"] in (3, 4)  # written after epoch 2 or 3, the evaluated ones
+    assert best["best_top1"] == max(r["val_top1"] for r in records[2:])
 
 
 def test_run_folder_holds_config_metrics_and_checkpoints(trained):
@@ -79,7 +90,7 @@ def test_evaluate_prints_json_last_line(trained, cifar_root):
                       str(out / "best.pt"), f"data.root={cifar_root}", "wandb.mode=disabled")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["val_images"] == 110
-    assert result["val_top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(out)[:4]))
+    assert result["val_top1"] == pytest.approx(max(r.get("val_top1", 0) for r in read_metrics(out)[:4]))
 
 
 def test_evaluate_uses_the_checkpoints_own_config_and_names_the_files_in_a_folder(trained, tmp_path):
@@ -87,7 +98,7 @@ def test_evaluate_uses_the_checkpoints_own_config_and_names_the_files_in_a_folde
     proc = run_module("imagenet_resnet.evaluate", "--checkpoint", str(out / "best.pt"), cwd=tmp_path)  # no data/ here
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["val_images"] == 110  # the checkpoint's data.root, dataset and model
-    assert result["val_top1"] == pytest.approx(max(r["val_top1"] for r in read_metrics(out)[:4]))
+    assert result["val_top1"] == pytest.approx(max(r.get("val_top1", 0) for r in read_metrics(out)[:4]))
     proc = run_module("imagenet_resnet.evaluate", "--checkpoint", str(out / "best.pt"), "data.root=/nonexistent",
                       "data.download=never", check=False)  # overrides go on top of it
     assert proc.returncode == 2 and "/nonexistent" in proc.stderr
