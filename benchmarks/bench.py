@@ -1,4 +1,5 @@
-"""Benchmarks behind docs/BENCHMARKS.md: model step, loaders, end to end, recipes, CIFAR epoch, data_prep.
+"""Benchmarks behind docs/BENCHMARKS.md: model step, loaders, end to end, recipes, CIFAR epoch, data_prep,
+the step loop's costs (benchmarks/steploop.py).
 
     python -m benchmarks.bench --out bench                  # all this machine can run
     python -m benchmarks.bench --out bench --only model,prep --quick
@@ -22,13 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from benchmarks.record import Record
+from benchmarks.steploop import bench_steploop
 from data_prep.devkit import read_devkit
 from data_prep.generate import generate, generate_cifar
 from imagenet_resnet.cli import command, run_main
@@ -43,17 +46,9 @@ from imagenet_resnet.models import build_model, list_models
 from imagenet_resnet.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("model", "loader", "e2e", "recipes", "cifar", "prep")
-TABLES = ("model", "profile", "loader", "e2e", "recipes", "cifar", "prep")  # profile: written by the model section
-
-
-@dataclass
-class Record:
-    section: str
-    name: str
-    value: float | None  # None: skipped
-    unit: str
-    notes: str = ""
+SECTIONS = ("model", "loader", "e2e", "recipes", "cifar", "prep", "steploop")
+# profile: written by the model section
+TABLES = ("model", "profile", "loader", "e2e", "recipes", "cifar", "prep", "steploop")
 
 
 def environment() -> dict[str, str]:
@@ -504,6 +499,8 @@ def run_section(section: str, device: torch.device, a: argparse.Namespace, work:
         return bench_model(device, ["resnet18"] if a.quick else a.models.split(","), a.out)
     if section == "prep":
         return bench_prep(a.quick, work)
+    if section == "steploop":
+        return bench_steploop(work)
     runner = {"loader": bench_loader, "e2e": bench_e2e, "recipes": bench_recipes, "cifar": bench_cifar}[section]
     return runner(device, a.quick, work)
 

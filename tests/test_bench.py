@@ -2,6 +2,7 @@
 
 import json
 
+from benchmarks.steploop import bench_hooks
 from conftest import run_module
 
 
@@ -23,3 +24,8 @@ def test_bench_quick_writes_json_and_markdown_with_conditions(tmp_path):
     assert len(prep) == 6 and all(r["value"] > 0 for r in prep.values())
     table = (tmp_path / "results.md").read_text()
     assert "### model" in table and "### profile" in table and "### prep" in table and env["device"] in table
+
+
+def test_the_straggler_timing_calls_one_hook_per_synchronising_backward():
+    (record,) = bench_hooks()
+    assert record.value == 1 and "before: 161" in record.notes  # ResNet-50: 161 trainable parameters

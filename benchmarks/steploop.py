@@ -1,0 +1,153 @@
+"""What the step loop pays that a GPU would expose (issue 31), measured on any machine:
+
+- seconds a save blocks the step loop (ResNet-50, with and without EMA): the synchronous write
+  it replaced (one serialisation, last.pt and best.pt each written and fsynced) against
+  `CheckpointWriter.submit` (the copy to host memory; the write goes on in the background);
+- operators per DDP step (ResNet-50, 2 gloo processes, torch.profiler): DDP's defaults against
+  broadcast_buffers=False + gradient_as_bucket_view=True;
+- straggler hook calls per synchronising backward (ResNet-50).
+
+    python -m benchmarks.bench --out bench --only steploop
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from benchmarks.record import Record
+from imagenet_resnet.checkpoint import BEST, LAST, Checkpoint, CheckpointWriter, Position, capture_rng
+from imagenet_resnet.files import write_atomic
+from imagenet_resnet.models import build_model
+from imagenet_resnet.stragglers import GradientWait
+
+
+def trained_state(ema: bool) -> Checkpoint:
+    """A ResNet-50 checkpoint as training writes one: weights, SGD momentum, optionally the EMA."""
+    net = build_model("resnet50", 1000)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    average = ModelEmaV3(net, decay=0.9999) if ema else None
+    return Checkpoint(model=net.state_dict(), optimizer=optimizer.state_dict(), position=Position(3, 100, 5100),
+                      train_sums=[torch.zeros(3, dtype=torch.float64)], best_top1=0.0, rng=[capture_rng()],
+                      loader=[None], config={}, num_classes=1000, world_size=1, global_batch=256,
+                      model_ema=average.module.state_dict() if average else None)
+
+
+def blocked_per_save(ema: bool, folder: Path, repeats: int = 3) -> tuple[float, float, float, int]:
+    """(seconds blocked before, after, the background write's seconds, bytes) for a best save."""
+    checkpoint = trained_state(ema)
+    before, after, background = [], [], []
+    size = 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data = io.BytesIO()
+        torch.save(checkpoint.to_state(), data)
+        for name in (LAST, BEST):  # what save() did before: the same bytes written twice
+            write_atomic(folder / name, data.getbuffer(), previous=".prev")
+        before.append(time.perf_counter() - start)
+        size = data.getbuffer().nbytes
+        writer = CheckpointWriter()
+        start = time.perf_counter()
+        writer.submit(checkpoint, folder, best=True)
+        after.append(time.perf_counter() - start)
+        writer.wait()
+        background.append(time.perf_counter() - start)
+    return min(before), min(after), min(background), size
+
+
+def bench_saves(work: Path) -> list[Record]:
+    records = []
+    for ema in (False, True):
+        folder = Path(tempfile.mkdtemp(dir=work))
+        before, after, background, size = blocked_per_save(ema, folder)
+        label = "ResNet-50 + SGD momentum" + (" + EMA" if ema else "")
+        note = f"{size / 1e6:.0f} MB state; best of 3; on {folder.parent}"
+        records += [
+            Record("steploop", f"save blocks the step loop, before: {label} (serialise, write last.pt and best.pt)",
+                   1000 * before, "ms", note),
+            Record("steploop", f"save blocks the step loop, after: {label} (copy to host, write in background)",
+                   1000 * after, "ms", f"{note}; {100 * after / before:.1f}% of before; the background write took "
+                                       f"{background:.2f} s"),
+        ]
+    return records
+
+
+def _ddp_step_operators(rank: int, world: int, init: str, defaults: bool, out: str) -> None:
+    torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)
+    net = build_model("resnet50", 10)
+    options = {} if defaults else {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+    model = DistributedDataParallel(net, **options)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+
+    def step() -> None:
+        nn.functional.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # DDP builds its buckets on the first step
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    if rank == 0:
+        counts = Counter({event.key: event.count for event in prof.key_averages()})
+        torch.save(dict(counts), out)
+    torch_dist.destroy_process_group()
+
+
+def ddp_operators(defaults: bool, work: Path) -> Counter:
+    out = work / f"ddp_ops_{defaults}.pt"
+    init = f"file://{work / f'ddp_store_{defaults}'}"
+    mp.spawn(_ddp_step_operators, args=(2, init, defaults, str(out)), nprocs=2, join=True)
+    return Counter(torch.load(out))
+
+
+def bench_ddp(work: Path) -> list[Record]:
+    records = []
+    watched = ("aten::copy_", "aten::mul_", "aten::mul", "aten::div_", "aten::_foreach_copy_", "c10d::broadcast_")
+    for defaults in (True, False):
+        counts = ddp_operators(defaults, work)
+        aten = sum(n for key, n in counts.items() if key.startswith("aten::"))
+        label = "DDP defaults" if defaults else "broadcast_buffers=False, gradient_as_bucket_view=True"
+        detail = ", ".join(f"{key} {counts[key]}" for key in watched if counts[key])
+        records.append(Record("steploop", f"aten operators per DDP step, ResNet-50, 2 gloo processes: {label}",
+                              aten, "ops", detail))
+    return records
+
+
+def bench_hooks() -> list[Record]:
+    net = build_model("resnet50", 10)
+    calls = Counter()
+
+    class Counting(GradientWait):
+        def _gradient_ready(self, param: torch.Tensor) -> None:
+            calls["hook"] += 1
+            super()._gradient_ready(param)
+
+    waits = Counting(net, torch.device("cpu"))
+    waits.arm()
+    nn.functional.cross_entropy(net(torch.randn(2, 3, 64, 64)), torch.tensor([0, 1])).backward()
+    waits.step_done()
+    before = sum(1 for p in net.parameters() if p.requires_grad)  # one hook on each trainable parameter
+    return [Record("steploop", "straggler hook calls per synchronising backward, ResNet-50", calls["hook"], "calls",
+                   f"before: {before} (a hook on every trainable parameter, also on no_sync micro-batches); "
+                   f"now none on no_sync micro-batches")]
+
+
+def bench_steploop(work: Path) -> list[Record]:
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    return bench_saves(work) + bench_ddp(work) + bench_hooks()
