@@ -68,6 +68,9 @@ def wrap_model(net: nn.Module, dist: DistInfo, run: RunConfig) -> tuple[nn.Modul
     DDP's bucket boundaries, so each bucket's all-reduce overlaps the rest of the backward (a
     compiled module inside DDP fires DDP's hooks only after its whole backward). Evaluation runs
     the bare module (ranks hold different numbers of val batches), compiled on its own.
+    dynamic=False: each shape gets a static graph, compiled once (each train size of a resize
+    ramp; evaluation's batch, whose last one `evaluate` pads to it), instead of Dynamo switching
+    to a graph dynamic in size after the second shape.
     """
     wrapped = net
     if dist.is_distributed:
@@ -79,7 +82,8 @@ def wrap_model(net: nn.Module, dist: DistInfo, run: RunConfig) -> tuple[nn.Modul
                                           broadcast_buffers=False, gradient_as_bucket_view=True)
     if not run.compile:
         return wrapped, net
-    return torch.compile(wrapped, mode=run.compile_mode), torch.compile(net, mode=run.compile_mode)
+    return (torch.compile(wrapped, mode=run.compile_mode, dynamic=False),
+            torch.compile(net, mode=run.compile_mode, dynamic=False))
 
 
 def build_ema(net: nn.Module, decay: float, saved: Checkpoint | None, dist: DistInfo) -> ModelEmaV3 | None:

@@ -232,7 +232,8 @@ class Trainer:
         """The model on the val set, and its EMA (keys *_ema) when there is one."""
         report_progress(self.dist, (self.position.global_step, 1), f"epoch {self.position.epoch} evaluation")
         tta, device = self.cfg.data.val_flip_tta, self.dist.device
-        stats = evaluate(self.eval_net, self.val_loader, self.amp, device, tta)
+        pad = self.cfg.data.batch_size if self.cfg.run.compile else 0  # the compiled graph: one batch shape
+        stats = evaluate(self.eval_net, self.val_loader, self.amp, device, tta, pad_to=pad)
         if self.ema:
             average_buffers(self.ema.module)  # each rank's EMA of its own BN statistics
             stats |= evaluate(self.ema.module, self.val_loader, self.amp, device, tta, suffix="_ema")
