@@ -500,7 +500,7 @@ def run_section(section: str, device: torch.device, a: argparse.Namespace, work:
     if section == "prep":
         return bench_prep(a.quick, work)
     if section == "steploop":
-        return bench_steploop(work)
+        return bench_steploop(work, a.quick)
     runner = {"loader": bench_loader, "e2e": bench_e2e, "recipes": bench_recipes, "cifar": bench_cifar}[section]
     return runner(device, a.quick, work)
 

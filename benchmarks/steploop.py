@@ -5,7 +5,10 @@
   `CheckpointWriter.submit` (the copy to host memory; the write goes on in the background);
 - operators per DDP step (ResNet-50, 2 gloo processes, torch.profiler): DDP's defaults against
   broadcast_buffers=False + gradient_as_bucket_view=True;
-- straggler hook calls per synchronising backward (ResNet-50).
+- straggler hook calls per synchronising backward (ResNet-50);
+- DALI (CPU mode), ImageNet-sized file lists for rank 0 of 8: seconds before an evaluation's first
+  batch (the val pipeline built, the first time, or restarted) and before a train epoch's first
+  batch with and without the RSB A1 RandAugment policy (a pipeline per epoch).
 
     python -m benchmarks.bench --out bench --only steploop
 """
@@ -19,6 +22,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
@@ -27,7 +31,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.record import Record
+from data_prep.generate import class_image, encode
 from imagenet_resnet.checkpoint import BEST, LAST, Checkpoint, CheckpointWriter, Position, capture_rng
+from imagenet_resnet.config import load_config
+from imagenet_resnet.data.datasets import normalization
+from imagenet_resnet.data.loader import Normalizer
+from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.files import write_atomic
 from imagenet_resnet.models import build_model
 from imagenet_resnet.stragglers import GradientWait
@@ -148,6 +157,66 @@ def bench_hooks() -> list[Record]:
                    f"now none on no_sync micro-batches")]
 
 
-def bench_steploop(work: Path) -> list[Record]:
+def linked_images(folder: Path, count: int) -> list[tuple[str, int]]:
+    """`count` links to one small JPEG in `folder`, as (relative path, label) samples (symbolic:
+    a file takes at most 65,000 hard links on ext4)."""
+    folder.mkdir(parents=True)
+    first = folder / "0.JPEG"
+    first.write_bytes(encode(class_image(0, np.random.default_rng(0), 64, 48)))
+    for i in range(1, count):
+        os.symlink(first, folder / f"{i}.JPEG")
+    return [(f"c/{i}.JPEG", i % 1000) for i in range(count)]
+
+
+def first_batch_s(loader) -> float:
+    start = time.perf_counter()
+    batches = iter(loader)
+    next(batches)
+    elapsed = time.perf_counter() - start
+    for _ in batches:  # the pass ends, as an evaluation's does
+        pass
+    return elapsed
+
+
+def bench_dali(work: Path, quick: bool) -> list[Record]:
+    from imagenet_resnet.data.dali_loader import DaliLoader  # DALI may be absent
+
+    train_files, val_files = (12_800, 500) if quick else (1_281_167, 50_000)
+    dist = DistInfo(0, 0, 8, torch.device("cpu"))  # rank 0 of 8: its shard of the lists
+    cfg = load_config("configs/imagenet_resnet50_rsb_a1.yaml", [f"data.root={work / 'dali'}", "data.image_size=32",
+                                                                "data.val_image_size=32", "data.workers=2"])
+    normalize = Normalizer.create(*normalization("imagenet"), dist.device, torch.float32, False)
+    samples = {split: linked_images(work / "dali" / split / "c", n) for split, n in
+               (("train", train_files // 8), ("val", val_files))}
+    val = DaliLoader(cfg, dist, normalize, "val", samples["val"])
+    built, restarted = first_batch_s(val), min(first_batch_s(val) for _ in range(3))
+    note = f"{len(val.shard):,} val files (rank 0 of 8 of {val_files:,}), 64x48 JPEGs, DALI CPU mode, batch 256"
+    records = [Record("steploop", "DALI evaluation start, before (a pipeline built per evaluation)", 1000 * built,
+                      "ms", note),
+               Record("steploop", "DALI evaluation start, after (the pipeline restarted)", 1000 * restarted, "ms",
+                      note)]
+    for policy in ("", cfg.data.auto_augment):
+        # The train list is rank 0's share of ImageNet: the pipeline sees only its own files.
+        overrides = [f"data.root={work / 'dali'}", "data.dataset=imagenet", "data.image_size=32", "data.workers=2",
+                     f"data.auto_augment={policy or chr(39) * 2}"]
+        train = DaliLoader(load_config(None, overrides), DistInfo(0, 0, 1, dist.device), normalize, "train",
+                           samples["train"])
+        seconds = []
+        for epoch in range(3):
+            train.set_position(epoch)
+            start = time.perf_counter()
+            batches = iter(train)
+            next(batches)
+            seconds.append(time.perf_counter() - start)
+            batches.close()
+        label = f"RandAugment {policy}" if policy else "no RandAugment"
+        records.append(Record("steploop", f"DALI train epoch start, {label} (a pipeline per epoch; unchanged)",
+                              1000 * min(seconds[1:]), "ms",
+                              f"{len(samples['train']):,} train files (rank 0 of 8's share of {train_files:,}), "
+                              f"first epoch {seconds[0]:.1f} s"))
+    return records
+
+
+def bench_steploop(work: Path, quick: bool = False) -> list[Record]:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-    return bench_saves(work) + bench_ddp(work) + bench_hooks()
+    return bench_saves(work) + bench_ddp(work) + bench_hooks() + bench_dali(work, quick)

@@ -44,6 +44,17 @@ def test_dali_and_torchvision_give_the_same_file_the_same_label(imagenet_root):
     assert same < 0.25 < shifted
 
 
+def test_dali_builds_its_val_pipeline_once_and_each_pass_gives_the_same_batches(imagenet_root):
+    _, val, _ = loaders(imagenet_root, "dali", rank=1, world=2, batch=4)  # 11 images: a partial last batch
+    first = [(x.clone(), y.clone()) for x, y in val]
+    built = val.evaluation
+    for _ in range(2):  # as the model's and then the EMA's evaluation, and the next epoch's
+        again = list(val)
+        assert val.evaluation is built  # restarted, not rebuilt
+        assert [len(y) for _, y in again] == [4, 4, 3]
+        assert all(torch.equal(a, b) and torch.equal(p, q) for (a, p), (b, q) in zip(first, again))
+
+
 @pytest.mark.parametrize("kind", ["torchvision", "dali"])
 def test_val_counts_each_image_once_over_uneven_shards(imagenet_root, kind):
     counts = []

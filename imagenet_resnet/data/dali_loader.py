@@ -4,11 +4,12 @@ JPEG decoding runs on the GPU (nvJPEG, and the hardware decoder on A100/H100) wi
 random-resized crop fused into the decode; on a machine without a GPU the same pipeline runs
 on the CPU (device_id=None), which is how the tests exercise it.
 
-Each epoch builds a pipeline over exactly this rank's files, in the order TrainSampler gives
+Each train epoch builds a pipeline over exactly this rank's files, in the order TrainSampler gives
 (the order the torchvision loader uses too): sharding, shuffling, the mid-epoch start after a
 resume and the labels (from DEST/train.txt) are then the same whichever loader runs, and a
 val shard holds each image once, with no padding to trim. The per-epoch pipeline also takes the
-epoch's train size (progressive resizing); timm's RandAugment runs in it (`dali_augment`).
+epoch's train size (progressive resizing); timm's RandAugment runs in it (`dali_augment`). The val
+pipeline is built once per run and restarted for each evaluation.
 
     train, val = build_dali_loaders(cfg, dist, normalize, samples)
 """
@@ -43,7 +44,8 @@ from imagenet_resnet.data.dali_augment import Policy, rand_augment, timm_policy
 # DALI's own auto_aug still calls its experimental aliases; the notice is for DALI, not for users.
 warnings.filterwarnings("ignore", message=".*fn.experimental", category=DeprecationWarning)
 
-PREFETCH_BATCHES = 4  # the failing batch and DALI's prefetch queue (depth 2) with a margin
+PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the step loop: its default, kept by its ResNet-50 example
+PREFETCH_BATCHES = PREFETCH_DEPTH + 2  # what may be in flight when a file fails: the failing batch, the queue, a margin
 
 
 @pipeline_def(enable_conditionals=True)  # rand_augment chooses its operations per sample with conditionals
@@ -57,17 +59,20 @@ def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train
     jpegs, label = fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
                                    pad_last_batch=True, name="Reader")
     decoder = "mixed" if gpu else "cpu"
+    # nvJPEG's buffers sized once for the largest ImageNet image, no reallocation while training:
+    # the values of DALI's ResNet-50 example (docs/examples/use_cases/pytorch/resnet50/main.py).
+    buffers = {"device_memory_padding": 211025920, "host_memory_padding": 140544512} if gpu else {}
     if train:
         images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
                                                random_aspect_ratio=[3 / 4, 4 / 3], random_area=[min_area, 1.0],
-                                               num_attempts=100, hw_decoder_load=0.65)
+                                               num_attempts=100, hw_decoder_load=0.65, **buffers)
         images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp_type(interpolation))
         # timm's order: crop, flip, RandAugment (a flip after it would mirror ShearY's fill wedge)
         images = fn.flip(images, horizontal=fn.random.coin_flip(probability=0.5))
         if policy is not None:
             images = rand_augment(images, policy, size)
     else:
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, hw_decoder_load=0.65)
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, hw_decoder_load=0.65, **buffers)
         if crop_first:
             images = centre_square(images, crop_first)
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp_type(interpolation))
@@ -128,6 +133,7 @@ class DaliLoader(Loader):
         self.restored: dict[str, Any] | None = None  # a state() from a checkpoint, until used
         self.checkpoint: bytes | None = None  # DALI's checkpoint to build the next pipeline from
         self.batches: DALIGenericIterator | None = None  # the live train iterator
+        self.evaluation: DALIGenericIterator | None = None  # the val pipeline's, built once per run
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:
         state, self.restored = self.restored, None
@@ -152,11 +158,11 @@ class DaliLoader(Loader):
         if not indices:
             return
         files = [self.samples[i][0] for i in indices]
-        pipe = self._pipeline(files, [self.samples[i][1] for i in indices])
-        batches = DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
         if self.train:
+            batches = self._iterator(files, [self.samples[i][1] for i in indices])
             self.batches, self.checkpoint = batches, None
+        else:
+            batches = self._evaluation_batches(files)
         yielded = 0
         try:
             while True:
@@ -175,8 +181,21 @@ class DaliLoader(Loader):
         finally:
             if self.train:
                 self.batches = None
-            del batches, pipe
+            del batches
 
+    def _iterator(self, files: list[str], labels: list[int]) -> DALIGenericIterator:
+        return DALIGenericIterator([self._pipeline(files, labels)], ["images", "labels"], reader_name="Reader",
+                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+
+    def _evaluation_batches(self, files: list[str]) -> DALIGenericIterator:
+        """The val pipeline, built at the first evaluation and restarted for each later one (its
+        files, sizes and order never change; the reader pads its last batch, so every pass starts
+        at the shard's first image)."""
+        if self.evaluation is None:
+            self.evaluation = self._iterator(files, [self.samples[i][1] for i in self.shard])
+        else:
+            self.evaluation.reset()
+        return self.evaluation
 
     def _pipeline(self, files: list[str], labels: list[int]):
         """This epoch's DALI pipeline over `files`, built."""
@@ -191,7 +210,7 @@ class DaliLoader(Loader):
             crop_first=self.data.val_crop_fraction if self.data.val_crop_first else 0.0,
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
             seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
-            enable_checkpointing=self.train, checkpoint=self.checkpoint,
+            enable_checkpointing=self.train, checkpoint=self.checkpoint, prefetch_queue_depth=PREFETCH_DEPTH,
         )
         pipe.build()
         return pipe
