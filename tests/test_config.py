@@ -145,6 +145,7 @@ BAD_VALUES = {
     "run.resume": ["{folder}"],
     "run.checkpoint_every_steps": ["-1"],
     "run.log_every_steps": ["0"],
+    "run.eval_every_epochs": ["0", "-1", "many"],
     "run.lease_timeout_s": ["0.5", "inf"],
     "run.collective_timeout_s": ["1", "inf"],
     "run.on_world_size_change": ["guess"],
