@@ -8,7 +8,9 @@
 - straggler hook calls per synchronising backward (ResNet-50);
 - DALI (CPU mode), ImageNet-sized file lists for rank 0 of 8: seconds before an evaluation's first
   batch (the val pipeline built, the first time, or restarted) and before a train epoch's first
-  batch with and without the RSB A1 RandAugment policy (a pipeline per epoch).
+  batch with and without the RSB A1 RandAugment policy (a pipeline per epoch);
+- host milliseconds per step outside PyTorch's operators (Python, hooks, the loader's hand-off)
+  for a launch-bound tiny model (CIFAR ResNet-20, batch 8): what a GPU would wait for.
 
     python -m benchmarks.bench --out bench --only steploop
 """
@@ -31,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.record import Record
-from data_prep.generate import class_image, encode
+from data_prep.generate import class_image, encode, generate_cifar
 from imagenet_resnet.checkpoint import BEST, LAST, Checkpoint, CheckpointWriter, Position, capture_rng
 from imagenet_resnet.config import load_config
 from imagenet_resnet.data.datasets import normalization
@@ -40,6 +42,7 @@ from imagenet_resnet.distributed import DistInfo
 from imagenet_resnet.files import write_atomic
 from imagenet_resnet.models import build_model
 from imagenet_resnet.stragglers import GradientWait
+from imagenet_resnet.trainer import Trainer
 
 
 def trained_state(ema: bool) -> Checkpoint:
@@ -217,6 +220,34 @@ def bench_dali(work: Path, quick: bool) -> list[Record]:
     return records
 
 
+def bench_host_overhead(work: Path) -> list[Record]:
+    generate_cifar(work / "cifar", "cifar10", train_per_class=40, val_per_class=4)
+    cfg = load_config("configs/cifar10_resnet20.yaml", [f"data.root={work / 'cifar'}", "data.batch_size=8",
+                                                        "run.device=cpu", "wandb.mode=disabled",
+                                                        f"run.out_dir={work / 'host_run'}"])
+    trainer = Trainer(cfg, DistInfo(0, 0, 1, torch.device("cpu")))
+    trainer.model.train()
+    trainer.train_loader.set_position(0)
+    batches = iter(trainer.train_loader)
+    for step in range(5):  # warm-up
+        trainer.train_step(batches, 0, step)
+    steps = 20
+    start = time.perf_counter()
+    for step in range(5, 5 + steps):
+        trainer.train_step(batches, 0, step)
+    wall_ms = 1000 * (time.perf_counter() - start) / steps  # unprofiled: the profiler's own cost left out
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for step in range(5 + steps, 5 + 2 * steps):
+            trainer.train_step(batches, 0, step)
+    # Time inside operators (each one's self time, backward's included): the rest is host work.
+    inside_ms = sum(e.self_cpu_time_total for e in prof.events() if e.name.startswith("aten::")) / 1000 / steps
+    outside_ms = wall_ms - inside_ms
+    return [Record("steploop", "host ms per step outside operators, CIFAR ResNet-20, batch 8 (launch-bound)",
+                   outside_ms, "ms", f"step {wall_ms:.1f} ms in all on the CPU, {inside_ms:.1f} ms inside operators "
+                                     f"(profiled over another {steps} steps)")]
+
+
 def bench_steploop(work: Path, quick: bool = False) -> list[Record]:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-    return bench_saves(work) + bench_ddp(work) + bench_hooks() + bench_dali(work, quick)
+    return (bench_saves(work) + bench_ddp(work) + bench_hooks() + bench_dali(work, quick)
+            + bench_host_overhead(work))
