@@ -32,14 +32,14 @@ def evaluate(net: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
     for images, labels in loader:
         if labels.numel() == 0:  # DALI's PARTIAL policy can yield an empty last batch
             continue
-        count = labels.numel()
-        if count < pad_to:
+        real = labels.numel()
+        if real < pad_to:
             images = padded(images, pad_to)
         with autocast(device, dtype):
             logits = net(images).float()
             if flip_tta:
                 logits = (logits + net(images.flip(3)).float()) / 2
-            logits = logits[:count]
+            logits = logits[:real]
         loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
         sums[0] += loss
         sums[1:3] += topk_correct(logits, labels)

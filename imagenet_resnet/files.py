@@ -80,8 +80,7 @@ def link_atomic(path: Path, source: Path, *, previous: str = "") -> None:
     with replacing(path, previous=previous) as partial:
         try:
             os.link(source, partial)
-        except OSError:
-            remove_quietly(partial)
+        except OSError:  # no hard links here: nothing was created, copy instead
             shutil.copyfile(source, partial)
             with open(partial, "rb+") as f:
                 os.fsync(f.fileno())

@@ -94,6 +94,14 @@ def build_ema(net: nn.Module, decay: float, saved: Checkpoint | None, dist: Dist
     ema = ModelEmaV3(unwrap(net), decay=decay)
     if saved is not None and saved.model_ema is not None:
         ema.module.load_state_dict(saved.model_ema)
-        if saved.world_size == dist.world_size:  # this rank's own buffers, as if never stopped
-            ema.module.load_state_dict(saved.ema_buffers[dist.rank], strict=False)
+        restore_own_buffers(ema.module, saved.ema_buffers, saved, dist)
     return ema
+
+
+def restore_own_buffers(module: nn.Module, per_rank: list[dict[str, torch.Tensor]] | None, saved: Checkpoint,
+                        dist: DistInfo) -> None:
+    """This rank's own BatchNorm statistics from a checkpoint of the same world size, as if never
+    stopped (each rank's follow its own batches: DDP does not broadcast them). Call it after DDP
+    has given every rank rank 0's."""
+    if per_rank and saved.world_size == dist.world_size:
+        module.load_state_dict(per_rank[dist.rank], strict=False)

@@ -44,7 +44,7 @@ from imagenet_resnet.finetune import apply_freeze, load_init_tensors
 from imagenet_resnet.guards import STOP_CHECK_EVERY_STEPS, STOPPED_EXIT, Guards, StopRequested
 from imagenet_resnet.lease import Lease
 from imagenet_resnet.metrics import RunLog, topk_correct
-from imagenet_resnet.network import amp_dtype, autocast, build_ema, build_network, wrap_model
+from imagenet_resnet.network import amp_dtype, autocast, build_ema, build_network, restore_own_buffers, wrap_model
 from imagenet_resnet.optim import Schedule, build_loss, build_optimizer, optimizer_steps, plan_text, scaled_lr, set_lr
 from imagenet_resnet.stragglers import GradientWait, rank_times
 
@@ -69,13 +69,12 @@ class Trainer:
         self.position, self.train_sums = Position(), self._zero_sums()
         self.data_wait_s, self.show_bar = 0.0, False  # seconds waiting for batches this epoch; tqdm or log lines
         self.best_top1, self.best_weights = 0.0, "model"
-        self.own_buffers: dict[str, torch.Tensor] | None = None  # this rank's BatchNorm statistics, mid-epoch
         if saved is not None:
             self._restore(saved, path)
         self.gradient_wait = GradientWait(self.net, dist.device) if dist.is_distributed else None  # stragglers
         self.model, self.eval_net = wrap_model(self.net, dist, cfg.run)
-        if self.own_buffers:  # after DDP gave every rank rank 0's: this rank's own, as if never stopped
-            unwrap(self.net).load_state_dict(self.own_buffers, strict=False)
+        if saved is not None:
+            restore_own_buffers(unwrap(self.net), saved.model_buffers, saved, dist)
         self.ema = build_ema(self.net, cfg.model.ema_decay, saved, dist)  # after DDP gave all rank 0's weights
         self.guards = guards or Guards(dist.device, self.out_dir / LAST)
         self.writer = CheckpointWriter()  # rank 0's: saves are written while training goes on
@@ -114,8 +113,6 @@ class Trainer:
         if carry.exact:
             self.train_sums = saved.train_sums[self.dist.rank].to(self.dist.device)
             restore_rng(saved.rng[self.dist.rank])
-            if saved.model_buffers:
-                self.own_buffers = saved.model_buffers[self.dist.rank]
             if carry.restore_loader:
                 self.train_loader.restore(saved.loader[self.dist.rank])
         elif self.dist.is_main:  # the partial epoch's sums, all on one rank: the totals stay right
@@ -147,11 +144,10 @@ class Trainer:
         rng = all_gather_objects(capture_rng())
         sums = all_gather_objects(self.train_sums.cpu())
         loader = all_gather_objects(self.train_loader.state())
-        # Each rank's EMA follows its own BatchNorm statistics (averaged only for evaluation).
-        ema_buffers = all_gather_objects({k: v.cpu() for k, v in self.ema.module.named_buffers()}) if self.ema else None
-        # DDP leaves each rank its own BatchNorm statistics (broadcast_buffers=False): kept per rank too.
-        model_buffers = (all_gather_objects({k: v.cpu() for k, v in unwrap(self.net).named_buffers()})
-                         if self.dist.is_distributed else None)
+        # Each rank's model and EMA follow its own BatchNorm statistics (DDP does not broadcast them;
+        # they are averaged only at epoch ends): kept per rank.
+        ema_buffers = buffers_by_rank(self.ema.module) if self.ema else None
+        model_buffers = buffers_by_rank(unwrap(self.net)) if self.dist.is_distributed else None
 
         def write() -> None:
             if self.lease:
@@ -332,3 +328,8 @@ class Trainer:
                 "train_top1": 100 * top1 / images, "lr": self.optimizer.param_groups[0]["lr"],
                 "images_per_sec": steps_run * self.global_batch / elapsed, "epoch_time_s": elapsed,
                 **rank_times(elapsed, self.data_wait_s, steps_run, self.gradient_wait)}
+
+
+def buffers_by_rank(module: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Collective: every rank's buffers (BatchNorm statistics), on the host, in rank order."""
+    return all_gather_objects({name: buffer.cpu() for name, buffer in module.named_buffers()})
