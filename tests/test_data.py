@@ -38,6 +38,20 @@ def test_train_sampler_ranks_are_disjoint_and_epochs_differ():
     assert {size for _, _, size in a} == {96}  # the epoch's train size travels with each key to the workers
 
 
+@pytest.mark.parametrize("n, world", [(103, 1), (103, 2), (103, 3), (10, 4)])
+def test_train_sampler_deals_what_torchs_distributed_sampler_deals(n, world):
+    """Its order is computed with arrays (milliseconds for ImageNet): the same as torch's sampler."""
+    from torch.utils.data import DistributedSampler
+
+    for rank in range(world):
+        for epoch in (0, 3):
+            ours = TrainSampler(n, dist(rank, world), seed=5, batch_size=2)
+            ours.set_position(epoch)
+            torchs = DistributedSampler(range(n), world, rank, shuffle=True, seed=5, drop_last=True)
+            torchs.set_epoch(epoch)
+            assert ours.indices() == list(torchs)[: ours.steps_per_epoch * 2]
+
+
 def test_read_cifar_real_format(cifar_root):
     train_x, train_y, val_x, val_y = read_cifar(cifar_root, "cifar10")
     assert train_x.shape == (600, 3, 32, 32) and train_x.dtype == torch.uint8

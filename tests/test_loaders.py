@@ -14,7 +14,7 @@ from imagenet_resnet.distributed import DistInfo
 CPU = torch.device("cpu")
 
 
-def loaders(root, loader, rank=0, world=1, batch=4):
+def loaders(root, loader, rank=0, world=1, batch=4, extra=()):
     cfg = load_config(
         None,
         [
@@ -24,6 +24,7 @@ def loaders(root, loader, rank=0, world=1, batch=4):
             "data.image_size=32",
             f"data.batch_size={batch}",
             "data.workers=1",
+            *extra,
         ],
     )
     return build_loaders(cfg, DistInfo(rank, rank, world, CPU), torch.float32)
@@ -53,6 +54,35 @@ def test_dali_builds_its_val_pipeline_once_and_each_pass_gives_the_same_batches(
         assert val.evaluation is built  # restarted, not rebuilt
         assert [len(y) for _, y in again] == [4, 4, 3]
         assert all(torch.equal(a, b) and torch.equal(p, q) for (a, p), (b, q) in zip(first, again))
+
+
+def test_dali_builds_its_train_pipeline_once_per_size_and_takes_each_epochs_order_from_the_sampler(imagenet_root):
+    """Progressive resizing 32 px (epochs 0-1) to 64 (epoch 2): two pipelines in three epochs; each
+    epoch's labels are TrainSampler's order for it, and a run resumed from the state() saved at an
+    epoch's end (or at its last step) gets the very next epoch."""
+    ramp = ("data.start_image_size=32", "data.image_size=64", "data.resize_ramp_epochs=[1,2]")
+    train = loaders(imagenet_root, "dali", extra=ramp)[0]
+    labels = [label for _, label in train.samples]
+    built, sizes, epochs, states = [], [], [], []
+    for epoch in range(3):
+        train.set_position(epoch)
+        batches = list(train)
+        built.append(train.batches)
+        sizes.append(batches[0][0].shape[-1])
+        epochs.append(batches)
+        states.append(train.state())
+        assert torch.cat([y for _, y in batches]).tolist() == [labels[i] for i in train.sampler.order(epoch)[0]]
+    assert sizes == [32, 32, 64] and built[0] is built[1] is not built[2]
+    for stop in ((1, 0), (0, train.steps_per_epoch)):  # saved after epoch 0 as (1, 0) or as (0, last step)
+        resumed = loaders(imagenet_root, "dali", extra=ramp)[0]
+        resumed.restore(states[0])
+        if stop != (1, 0):
+            resumed.set_position(*stop)
+            assert list(resumed) == []
+        resumed.set_position(1)
+        again = list(resumed)
+        assert resumed.source.first == (0, 0)  # rebuilt where the saved pipeline was built, from its checkpoint
+        assert all(torch.equal(x, a) and torch.equal(y, b) for (x, y), (a, b) in zip(again, epochs[1], strict=True))
 
 
 @pytest.mark.parametrize("kind", ["torchvision", "dali"])

@@ -4,12 +4,13 @@ JPEG decoding runs on the GPU (nvJPEG, and the hardware decoder on A100/H100) wi
 random-resized crop fused into the decode; on a machine without a GPU the same pipeline runs
 on the CPU (device_id=None), which is how the tests exercise it.
 
-Each train epoch builds a pipeline over exactly this rank's files, in the order TrainSampler gives
-(the order the torchvision loader uses too): sharding, shuffling, the mid-epoch start after a
-resume and the labels (from DEST/train.txt) are then the same whichever loader runs, and a
-val shard holds each image once, with no padding to trim. The per-epoch pipeline also takes the
-epoch's train size (progressive resizing); timm's RandAugment runs in it (`dali_augment`). The val
-pipeline is built once per run and restarted for each evaluation.
+The train pipeline is built once per image size (progressive resizing builds one per size) and
+takes each batch's files from `EpochFiles`, in the order TrainSampler gives (the order the
+torchvision loader uses too): sharding, shuffling, the mid-epoch start after a resume and the
+labels (from DEST/train.txt) are then the same whichever loader runs. DALI reads and decodes
+the files in its own threads; timm's RandAugment runs in it (`dali_augment`). The val pipeline
+is built once per run and restarted for each evaluation; a val shard holds each image once,
+with no padding to trim.
 
     train, val = build_dali_loaders(cfg, dist, normalize, samples)
 """
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from imagenet_resnet.config import Config
@@ -48,16 +50,55 @@ PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the step loop: its default,
 PREFETCH_BATCHES = PREFETCH_DEPTH + 2  # what may be in flight when a file fails: the failing batch, the queue, a margin
 
 
+class EpochFiles:
+    """A train pipeline's external source: each batch's file paths and labels in TrainSampler's
+    order. DALI passes its BatchInfo: the pipeline's epochs counted from the one it was built at
+    (`first`, an (epoch, step)), and the batch within that epoch. A pipeline restored from a DALI
+    checkpoint resumes that count, so the same `first` gives the same batches."""
+
+    def __init__(self, root: str, samples: list[tuple[str, int]], sampler: TrainSampler, first: tuple[int, int]):
+        self.root, self.names = root, [name for name, _ in samples]
+        self.labels = np.asarray([label for _, label in samples], dtype=np.int32).reshape(-1, 1)
+        self.sampler, self.first, self.batch_size = sampler, first, sampler.batch_size
+        self.cached: tuple[int, np.ndarray] | None = None  # (epoch, its order): computed once per epoch
+
+    def position(self, epoch_idx: int, iteration: int) -> tuple[int, int]:
+        """DALI's (epoch_idx, iteration) as the run's (epoch, step)."""
+        return self.first[0] + epoch_idx, iteration + (self.first[1] if epoch_idx == 0 else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self.cached is None or self.cached[0] != epoch:
+            self.cached = (epoch, self.sampler.order(epoch)[0])
+        return self.cached[1]
+
+    def files(self, epoch: int, step: int, batches: int = 1) -> list[str]:
+        """The paths of `batches` batches from (epoch, step)."""
+        batch = self.batch_size
+        return [f"{self.root}/{self.names[i]}" for i in self.order(epoch)[step * batch : (step + batches) * batch]]
+
+    def __call__(self, info: Any) -> tuple[list[np.ndarray], np.ndarray]:
+        epoch, step = self.position(info.epoch_idx, info.iteration)
+        if step >= self.sampler.steps_per_epoch:
+            raise StopIteration  # DALI ends the epoch; reset() starts the next
+        indices = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        return [np.frombuffer(path.encode(), dtype=np.uint8) for path in self.files(epoch, step)], self.labels[indices]
+
+
 @pipeline_def(enable_conditionals=True)  # rand_augment chooses its operations per sample with conditionals
 def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train: bool, size: int, gpu: bool,
                       policy: Policy | None, interpolation: str = "bilinear", min_area: float = 0.08,
-                      resize_side: int = 0, crop_first: float = 0.0):
+                      resize_side: int = 0, crop_first: float = 0.0, source: EpochFiles | None = None):
     """Decode + (random-resized crop, flip, RandAugment | resize-shorter + centre crop), uint8 HWC out.
+    The files: `source`'s batches if given (training), else DALI's reader over `files`.
     train: `interpolation` may be "random" (per image, as timm's "random"); val: the shorter side to
     `resize_side` then the centre crop, or with `crop_first` (a fraction) ffcv's centre square
     first (data.val_crop_first)."""
-    jpegs, label = fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
-                                   pad_last_batch=True, name="Reader")
+    if source is None:
+        jpegs, label = fn.readers.file(file_root=file_root, files=files, labels=labels, random_shuffle=False,
+                                       pad_last_batch=True, name="Reader")
+    else:
+        paths, label = fn.external_source(source=source, batch=True, batch_info=True, num_outputs=2)
+        jpegs = fn.io.file.read(paths)
     decoder = "mixed" if gpu else "cpu"
     # nvJPEG's buffers sized once for the largest ImageNet image, no reallocation while training:
     # the values of DALI's ResNet-50 example (docs/examples/use_cases/pytorch/resnet50/main.py).
@@ -103,9 +144,11 @@ class DaliLoader(Loader):
     """One split through DALI; yields normalised images and labels on the device.
 
     The train pipeline keeps DALI checkpointing on (no cost, per DALI's docs): `state()` is its
-    reader position and random state, so a run resumed mid-epoch gets the very crops and flips
-    it would have had. Without one (a resume on another world size), the rest of the epoch
-    has the same files in the same order, with fresh random crops.
+    position, random state and where it was built, so a run resumed mid-epoch or at an epoch's
+    end gets the very crops and flips it would have had. Without one (a resume on another world
+    size), the rest of the epoch has the same files in the same order, with fresh random crops.
+    A train pipeline lives across epochs: at an epoch's last batch it is reset, and the next
+    epoch's first batches are decoded while the step loop finishes and evaluates.
     """
 
     def __init__(self, cfg: Config, dist: DistInfo, normalize: Normalizer, split: str,
@@ -127,101 +170,133 @@ class DaliLoader(Loader):
         else:
             self.shard = list(shard_range(len(samples), dist.rank, dist.world_size))
             self.steps_per_epoch = val_batches(len(self.shard), self.batch_size)
-        self.epoch = 0
-        self.origin = 0  # the step this epoch's pipeline starts from: its files, seed and checkpoints
-        self.done = 0  # batches yielded since origin
-        self.restored: dict[str, Any] | None = None  # a state() from a checkpoint, until used
-        self.checkpoint: bytes | None = None  # DALI's checkpoint to build the next pipeline from
-        self.batches: DALIGenericIterator | None = None  # the live train iterator
+        self.wanted = (0, 0)  # the (epoch, step) the next __iter__ starts at
+        self.restored: dict[str, Any] | None = None  # a state() from a checkpoint, until a pipeline is built
+        self.batches: DALIGenericIterator | None = None  # the train pipeline's iterator, kept across epochs
+        self.source: EpochFiles | None = None  # its files
+        self.next = (0, 0)  # the (epoch, step) of its next batch
+        self.size = 0  # its image size
         self.evaluation: DALIGenericIterator | None = None  # the val pipeline's, built once per run
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:
-        state, self.restored = self.restored, None
-        if state and (state["epoch"], state["origin"] + state["done"]) == (epoch, start_step):
-            self.origin, self.done, self.checkpoint = state["origin"], state["done"], state["dali"]
-        else:
-            self.origin, self.done, self.checkpoint = start_step, 0, None
-        self.epoch = epoch
-        if self.train:
-            self.sampler.set_position(epoch, self.origin)
+        self.wanted = (epoch, start_step)
 
     def state(self) -> dict[str, Any] | None:
         if self.batches is None:
-            return None
-        return {"epoch": self.epoch, "origin": self.origin, "done": self.done, "dali": self.batches.checkpoints()[0]}
+            return self.restored
+        return {"first": self.source.first, "next": self.next, "size": self.size,
+                "dali": self.batches.checkpoints()[0]}
 
     def restore(self, state: Any) -> None:
         self.restored = state
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        indices = self.sampler.indices() if self.train else self.shard
-        if not indices:
+        if not self.train:
+            if self.shard:
+                yield from self._yield(self._evaluation_batches(), self._val_files)
             return
-        files = [self.samples[i][0] for i in indices]
-        if self.train:
-            batches = self._iterator(files, [self.samples[i][1] for i in indices])
-            self.batches, self.checkpoint = batches, None
-        else:
-            batches = self._evaluation_batches(files)
-        yielded = 0
-        try:
-            while True:
-                try:
-                    out = next(batches)
-                except StopIteration:
-                    return
-                except RuntimeError as err:  # DALI names the operator, not the file
-                    raise self._bad_file(files, yielded * self.batch_size) or err from None
-                images, labels = out[0]["images"], out[0]["labels"]
-                images = images.to(self.dist.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
-                yielded += 1
-                if self.train:
-                    self.done += 1
-                yield self.normalize(images), labels.view(-1).long().to(self.dist.device, non_blocking=True)
-        finally:
-            if self.train:
-                self.batches = None
-            del batches
+        epoch, start = self.wanted
+        if start >= self.steps_per_epoch:
+            return
+        batches, step = self._train_batches(epoch, start), start
+        in_flight = lambda done: self.source.files(epoch, start + done, PREFETCH_BATCHES)  # noqa: E731
+        for images, labels in self._yield(batches, in_flight):
+            step += 1
+            self.next, last = (epoch, step), step == self.steps_per_epoch
+            if last:
+                self._next_epoch(batches)
+            yield images, labels
+            if last:
+                return
 
-    def _iterator(self, files: list[str], labels: list[int]) -> DALIGenericIterator:
-        return DALIGenericIterator([self._pipeline(files, labels)], ["images", "labels"], reader_name="Reader",
+    def _yield(self, batches: DALIGenericIterator, in_flight) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The pipeline's batches on the device, normalised; a file that breaks it named
+        (`in_flight(done)`: the paths of the batches DALI may hold after `done` were yielded)."""
+        done = 0
+        while True:
+            try:
+                out = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:  # DALI names the operator, not the file
+                raise self._bad_file(in_flight(done)) or err from None
+            images, labels = out[0]["images"], out[0]["labels"]
+            images = images.to(self.dist.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
+            done += 1
+            yield self.normalize(images), labels.view(-1).long().to(self.dist.device, non_blocking=True)
+
+    def _train_batches(self, epoch: int, step: int) -> DALIGenericIterator:
+        """The live pipeline if it is at (epoch, step) at this epoch's size; else one built there, from
+        the restored DALI checkpoint if it was taken there."""
+        size = train_image_size(self.data, epoch)
+        if self.batches is not None and (self.next, self.size) == ((epoch, step), size):
+            return self.batches
+        restored, self.restored = self.restored or {}, None
+        first, checkpoint = (epoch, step), None
+        if (tuple(restored.get("next", ())), restored.get("size")) == ((epoch, step), size):
+            first, checkpoint = tuple(restored["first"]), restored["dali"]
+        self.batches = None  # the old pipeline goes before the new one takes its memory
+        self.source = EpochFiles(self.root, self.samples, self.sampler, first)
+        self.batches = self._iterator(self._pipeline(size, first, checkpoint))
+        self.next, self.size = (epoch, step), size
+        return self.batches
+
+    def _next_epoch(self, batches: DALIGenericIterator) -> None:
+        """After an epoch's last batch: DALI ends the epoch, and reset() starts the next one's."""
+        try:
+            next(batches)
+        except StopIteration:
+            batches.reset()
+            self.next = (self.next[0] + 1, 0)
+        else:
+            raise RuntimeError("DALI's train pipeline gave more batches than the sampler deals")
+
+    def _iterator(self, pipe) -> DALIGenericIterator:
+        return DALIGenericIterator([pipe], ["images", "labels"], reader_name=None if self.train else "Reader",
                                    last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
 
-    def _evaluation_batches(self, files: list[str]) -> DALIGenericIterator:
+    def _evaluation_batches(self) -> DALIGenericIterator:
         """The val pipeline, built at the first evaluation and restarted for each later one (its
         files, sizes and order never change; the reader pads its last batch, so every pass starts
         at the shard's first image)."""
         if self.evaluation is None:
-            self.evaluation = self._iterator(files, [self.samples[i][1] for i in self.shard])
+            self.evaluation = self._iterator(self._pipeline(val_image_size(self.data)))
         else:
             self.evaluation.reset()
         return self.evaluation
 
-    def _pipeline(self, files: list[str], labels: list[int]):
-        """This epoch's DALI pipeline over `files`, built."""
+    def _val_files(self, done: int) -> list[str]:
+        """The val paths DALI may hold after `done` batches were yielded."""
+        shard = self.shard[done * self.batch_size : (done + PREFETCH_BATCHES) * self.batch_size]
+        return [f"{self.root}/{self.samples[i][0]}" for i in shard]
+
+    def _pipeline(self, size: int, first: tuple[int, int] = (0, 0), checkpoint: bytes | None = None):
+        """A built DALI pipeline: train at `size` from (epoch, step) `first` (or a checkpoint taken
+        in a pipeline built there), or val."""
         gpu = self.dist.device.type == "cuda"
-        size = train_image_size(self.data, self.epoch) if self.train else val_image_size(self.data)
         augment = self.train and self.data.auto_augment
         pipe = imagenet_pipeline(
-            file_root=self.root, files=files, labels=labels, train=self.train, gpu=gpu, size=size,
+            file_root=self.root, files=[self.samples[i][0] for i in self.shard] if not self.train else [],
+            labels=[self.samples[i][1] for i in self.shard] if not self.train else [],
+            source=self.source if self.train else None, train=self.train, gpu=gpu, size=size,
             policy=timm_policy(self.data.auto_augment, size, normalization(self.data.dataset)[0]) if augment else None,
             interpolation=train_interpolation(self.data) if self.train else self.data.interpolation,
             min_area=self.data.crop_min_area, resize_side=val_resize_side(self.data),
             crop_first=self.data.val_crop_fraction if self.data.val_crop_first else 0.0,
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
-            seed=augmentation_seed(self.seed, self.epoch, self.dist.rank * 1_000_000 + self.origin) % 2**31,
-            enable_checkpointing=self.train, checkpoint=self.checkpoint, prefetch_queue_depth=PREFETCH_DEPTH,
+            seed=augmentation_seed(self.seed, first[0], self.dist.rank * 1_000_000 + first[1]) % 2**31,
+            enable_checkpointing=self.train, checkpoint=checkpoint, prefetch_queue_depth=PREFETCH_DEPTH,
         )
         pipe.build()
         return pipe
 
-    def _bad_file(self, files: list[str], first: int) -> UserError | None:
+    def _bad_file(self, paths: list[str]) -> UserError | None:
         """The file that broke the pipeline: the first that does not decode in the batches DALI
         had in flight (the failing one and its prefetch queue); None if they all do."""
-        for name in files[first : first + PREFETCH_BATCHES * self.batch_size]:
-            problem = image_problem(Path(self.root) / name)
+        for path in paths:
+            problem = image_problem(Path(path))
             if problem:
-                return unreadable_image(Path(self.root) / name, problem)
+                return unreadable_image(Path(path), problem)
         return None
 
 

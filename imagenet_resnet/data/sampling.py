@@ -81,30 +81,29 @@ class TrainSampler(DistributedSampler):
         self.start = start_step * self.batch_size
         self.size = size
 
-    def _epoch(self) -> list[tuple[int, int]]:
-        """This rank's (index, copy) pairs for the whole epoch."""
-        if self.repeats == 1:
-            return [(i, 0) for i in super().__iter__()]
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's (indices, copies) for the whole of `epoch`, whole batches only: array work, so
+        an ImageNet epoch's order takes milliseconds (the epoch's first batch waits for it)."""
         generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        copies = [(i, copy) for i in order for copy in range(self.repeats)]
-        total = -(-len(copies) // self.num_replicas) * self.num_replicas
-        copies += copies[: total - len(copies)]
-        return copies[self.rank : total : self.num_replicas][: self.num_samples]
-
-    def _mine(self) -> list[tuple[int, int]]:
-        return self._epoch()[self.start : self.steps_per_epoch * self.batch_size]
+        generator.manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.dataset), generator=generator).numpy()
+        world, mine = self.num_replicas, self.steps_per_epoch * self.batch_size
+        if self.repeats == 1:  # DistributedSampler's drop_last split
+            return order[: self.total_size][self.rank : self.total_size : world][:mine], np.zeros(mine, np.int64)
+        indices, copies = np.repeat(order, self.repeats), np.tile(np.arange(self.repeats), len(order))
+        total = -(-len(indices) // world) * world
+        dealt = np.arange(self.rank, total, world)[: self.num_samples] % len(indices)  # padded from its start
+        return indices[dealt][:mine], copies[dealt][:mine]
 
     def indices(self) -> list[int]:
         """This rank's indices for the rest of the epoch, whole batches only."""
-        return [i for i, _ in self._mine()]
+        return self.order(self.epoch)[0][self.start :].tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        n = len(self.dataset)
-        return iter(
-            [(i, augmentation_seed(self.seed, self.epoch, i + copy * n), self.size) for i, copy in self._mine()]
-        )
+        indices, copies = self.order(self.epoch)
+        n, seed, epoch, size = len(self.dataset), self.seed, self.epoch, self.size
+        for i, copy in zip(indices[self.start :].tolist(), copies[self.start :].tolist()):
+            yield i, augmentation_seed(seed, epoch, i + copy * n), size
 
     def __len__(self) -> int:
         return max(0, self.steps_per_epoch * self.batch_size - self.start)
