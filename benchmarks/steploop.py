@@ -6,9 +6,10 @@
 - operators per DDP step (ResNet-50, 2 gloo processes, torch.profiler): DDP's defaults against
   broadcast_buffers=False + gradient_as_bucket_view=True;
 - straggler hook calls per synchronising backward (ResNet-50);
+- kernels per normalisation of a batch (the four-op form against the Normalizer's one op);
 - DALI (CPU mode), ImageNet-sized file lists for rank 0 of 8: seconds before an evaluation's first
-  batch (the val pipeline built, the first time, or restarted) and what a train epoch's boundary
-  costs beyond two batches, with and without the RSB A1 RandAugment policy (one pipeline across
+  batch (the val pipeline built, the first time, or restarted) and the main thread's time at a
+  train epoch's boundary, with and without the RSB A1 RandAugment policy (one pipeline across
   epochs);
 - host milliseconds per step outside PyTorch's operators (Python, hooks, the loader's hand-off)
   for a launch-bound tiny model (CIFAR ResNet-20, batch 8): what a GPU would wait for.
@@ -161,6 +162,28 @@ def bench_hooks() -> list[Record]:
                    f"now none on no_sync micro-batches")]
 
 
+def bench_normalise() -> list[Record]:
+    """One 256-image 224 px batch, uint8 -> bf16 channels_last: the four-op form the Normalizer had
+    against its one op (top-level operators, each a kernel and a pass over the batch on CUDA)."""
+    images = torch.randint(0, 256, (256, 3, 224, 224), dtype=torch.uint8)
+    normalize = Normalizer.create(*normalization("imagenet"), torch.device("cpu"), torch.bfloat16, True)
+    mean, std = (torch.tensor(levels).view(1, 3, 1, 1) for levels in (normalize.mean, normalize.std))
+
+    def before(batch: torch.Tensor) -> torch.Tensor:
+        return ((batch.contiguous(memory_format=torch.channels_last).float() - mean) / std).to(torch.bfloat16)
+
+    records = []
+    for label, call in (("before (to float, subtract, divide, cast)", before),
+                        ("after (addcmul into bf16)", normalize)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            call(images)
+        top = [e.name for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+        kernels = [name for name in top if name not in ("aten::empty", "aten::empty_like")]
+        records.append(Record("steploop", f"normalisation kernels per batch on CUDA, {label}", len(kernels), "ops",
+                              f"top-level operators that run a kernel: {', '.join(kernels)}"))
+    return records
+
+
 def linked_images(folder: Path, count: int) -> list[tuple[str, int]]:
     """`count` links to one small JPEG in `folder`, as (relative path, label) samples (symbolic:
     a file takes at most 65,000 hard links on ext4)."""
@@ -262,5 +285,5 @@ def bench_host_overhead(work: Path) -> list[Record]:
 
 def bench_steploop(work: Path, quick: bool = False) -> list[Record]:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-    return (bench_saves(work) + bench_ddp(work) + bench_hooks() + bench_dali(work, quick)
+    return (bench_saves(work) + bench_ddp(work) + bench_hooks() + bench_normalise() + bench_dali(work, quick)
             + bench_host_overhead(work))

@@ -16,7 +16,7 @@ def dist(rank: int = 0, world: int = 1) -> DistInfo:
 
 
 def identity() -> Normalizer:
-    return Normalizer(torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), torch.float32, channels_last=False)
+    return Normalizer.create((0.0,) * 3, (1 / 255,) * 3, torch.device("cpu"), torch.float32, channels_last=False)
 
 
 @pytest.mark.parametrize("n, world", [(10, 3), (7, 2), (2, 4), (50_000, 8)])
@@ -50,6 +50,22 @@ def test_train_sampler_deals_what_torchs_distributed_sampler_deals(n, world):
             torchs = DistributedSampler(range(n), world, rank, shuffle=True, seed=5, drop_last=True)
             torchs.set_epoch(epoch)
             assert ours.indices() == list(torchs)[: ours.steps_per_epoch * 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_normalisation_is_one_op_into_the_models_dtype_and_layout(dtype):
+    """addcmul into an output in the model's dtype and layout: one kernel on CUDA (there the casts
+    happen in the kernel; on the CPU, inside addcmul, as its child operators)."""
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    normalize = Normalizer.create(mean, std, torch.device("cpu"), dtype, channels_last=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = normalize(images)
+    assert [e.name for e in prof.events() if e.cpu_parent is None] == ["aten::empty", "aten::addcmul"]
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    want = (images.double() - torch.tensor(mean).view(1, 3, 1, 1).double() * 255) / (
+        torch.tensor(std).view(1, 3, 1, 1).double() * 255)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2)
 
 
 def test_read_cifar_real_format(cifar_root):

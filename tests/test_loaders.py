@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torchvision.datasets import ImageFolder
@@ -14,7 +15,7 @@ from imagenet_resnet.distributed import DistInfo
 CPU = torch.device("cpu")
 
 
-def loaders(root, loader, rank=0, world=1, batch=4, extra=()):
+def loaders(root, loader, rank=0, world=1, batch=4, extra=(), dtype=torch.float32):
     cfg = load_config(
         None,
         [
@@ -27,7 +28,7 @@ def loaders(root, loader, rank=0, world=1, batch=4, extra=()):
             *extra,
         ],
     )
-    return build_loaders(cfg, DistInfo(rank, rank, world, CPU), torch.float32)
+    return build_loaders(cfg, DistInfo(rank, rank, world, CPU), dtype)
 
 
 def test_dali_and_torchvision_give_the_same_file_the_same_label(imagenet_root):
@@ -43,6 +44,18 @@ def test_dali_and_torchvision_give_the_same_file_the_same_label(imagenet_root):
     same = (tv_images - dali_images).abs().mean()
     shifted = (tv_images - dali_images.roll(1, 0)).abs().mean()
     assert same < 0.25 < shifted
+
+
+def test_dali_normalises_in_its_pipeline_as_the_one_op_normaliser_does(imagenet_root):
+    """float32: crop_mirror_normalize normalises; bfloat16 (no DALI type): uint8 out, then the
+    loader's addcmul. Both give the same images, to bfloat16's precision."""
+    val = loaders(imagenet_root, "dali")[1]
+    in_dali = torch.cat([x for x, _ in val])
+    first = torch.from_numpy(np.asarray(val._pipeline(32).run()[0].as_tensor()))  # the pipeline's own output
+    assert torch.equal(first, in_dali[:4])
+    by_torch = torch.cat([x for x, _ in loaders(imagenet_root, "dali", dtype=torch.bfloat16)[1]])
+    assert in_dali.dtype == torch.float32 and by_torch.dtype == torch.bfloat16
+    torch.testing.assert_close(by_torch.float(), in_dali, rtol=2**-8, atol=1e-5)
 
 
 def test_dali_builds_its_val_pipeline_once_and_each_pass_gives_the_same_batches(imagenet_root):

@@ -46,6 +46,8 @@ from imagenet_resnet.data.dali_augment import Policy, rand_augment, timm_policy
 # DALI's own auto_aug still calls its experimental aliases; the notice is for DALI, not for users.
 warnings.filterwarnings("ignore", message=".*fn.experimental", category=DeprecationWarning)
 
+# crop_mirror_normalize writes these input dtypes itself; DALI has no bfloat16 (the default on CUDA).
+DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 PREFETCH_DEPTH = 2  # batches DALI prepares ahead of the step loop: its default, kept by its ResNet-50 example
 PREFETCH_BATCHES = PREFETCH_DEPTH + 2  # what may be in flight when a file fails: the failing batch, the queue, a margin
 
@@ -87,9 +89,11 @@ class EpochFiles:
 @pipeline_def(enable_conditionals=True)  # rand_augment chooses its operations per sample with conditionals
 def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train: bool, size: int, gpu: bool,
                       policy: Policy | None, interpolation: str = "bilinear", min_area: float = 0.08,
-                      resize_side: int = 0, crop_first: float = 0.0, source: EpochFiles | None = None):
-    """Decode + (random-resized crop, flip, RandAugment | resize-shorter + centre crop), uint8 HWC out.
-    The files: `source`'s batches if given (training), else DALI's reader over `files`.
+                      resize_side: int = 0, crop_first: float = 0.0, source: EpochFiles | None = None,
+                      normalize: Normalizer | None = None):
+    """Decode + (random-resized crop, flip, RandAugment | resize-shorter + centre crop), then
+    `output_args(normalize)`'s output. The files: `source`'s batches if given (training), else
+    DALI's reader over `files`.
     train: `interpolation` may be "random" (per image, as timm's "random"); val: the shorter side to
     `resize_side` then the centre crop, or with `crop_first` (a fraction) ffcv's centre square
     first (data.val_crop_first)."""
@@ -119,8 +123,19 @@ def imagenet_pipeline(file_root: str, files: list[str], labels: list[int], train
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=interp_type(interpolation))
         else:
             images = fn.resize(images, resize_shorter=resize_side, interp_type=interp_type(interpolation))
-    images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", crop=(size, size))
+    images = fn.crop_mirror_normalize(images, crop=(size, size), **output_args(normalize))
     return images, label.gpu() if gpu else label
+
+
+def output_args(normalize: Normalizer | None) -> dict[str, Any]:
+    """crop_mirror_normalize's output: normalised, in the model's dtype and layout, where DALI has
+    that dtype (float32, float16): nothing left for the training stream (DLE's pipelines do this).
+    Else (bfloat16, or no normaliser) uint8 HWC for the loader's one-op Normalizer: reading 1 byte
+    per value, less than a cast from a float output of DALI's would read."""
+    if normalize is None or normalize.dtype not in DALI_DTYPES:
+        return {"dtype": types.UINT8, "output_layout": "HWC"}
+    return {"dtype": DALI_DTYPES[normalize.dtype], "output_layout": "HWC" if normalize.channels_last else "CHW",
+            "mean": list(normalize.mean), "std": list(normalize.std)}
 
 
 def interp_type(interpolation: str):
@@ -220,10 +235,13 @@ class DaliLoader(Loader):
                 return
             except RuntimeError as err:  # DALI names the operator, not the file
                 raise self._bad_file(in_flight(done)) or err from None
-            images, labels = out[0]["images"], out[0]["labels"]
-            images = images.to(self.dist.device, non_blocking=True).permute(0, 3, 1, 2)  # NHWC memory, NCHW view
+            images, labels = out[0]["images"].to(self.dist.device, non_blocking=True), out[0]["labels"]
+            if images.dtype == torch.uint8 or self.normalize.channels_last:
+                images = images.permute(0, 3, 1, 2)  # NHWC memory, NCHW view
+            if images.dtype == torch.uint8:
+                images = self.normalize(images)
             done += 1
-            yield self.normalize(images), labels.view(-1).long().to(self.dist.device, non_blocking=True)
+            yield images, labels.view(-1).long().to(self.dist.device, non_blocking=True)
 
     def _train_batches(self, epoch: int, step: int) -> DALIGenericIterator:
         """The live pipeline if it is at (epoch, step) at this epoch's size; else one built there, from
@@ -286,6 +304,7 @@ class DaliLoader(Loader):
             batch_size=self.batch_size, num_threads=self.threads, device_id=self.dist.local_rank if gpu else None,
             seed=augmentation_seed(self.seed, first[0], self.dist.rank * 1_000_000 + first[1]) % 2**31,
             enable_checkpointing=self.train, checkpoint=checkpoint, prefetch_queue_depth=PREFETCH_DEPTH,
+            normalize=self.normalize,
         )
         pipe.build()
         return pipe

@@ -39,23 +39,31 @@ def val_batches(images: int, batch_size: int) -> int:
 
 @dataclass
 class Normalizer:
-    """uint8 NCHW batch on the device -> normalised float in the model's dtype and layout."""
+    """uint8 NCHW batch on the device -> (x - mean) / std in the model's dtype and layout, in one op:
+    x * scale + shift (addcmul) written into an output allocated in that dtype and layout. On CUDA
+    that is one kernel reading 1 byte per value and writing 2 (bf16), where the four-op form
+    (to float, subtract, divide, cast) made four passes and about 9 times the memory traffic.
+    `mean` and `std` are in 0-255 levels (DALI's crop_mirror_normalize takes them so)."""
 
-    mean: torch.Tensor
-    std: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     dtype: torch.dtype
     channels_last: bool
+    scale: torch.Tensor  # 1 / std, (1, C, 1, 1) float32
+    shift: torch.Tensor  # -mean / std
 
     @classmethod
     def create(cls, mean, std, device, dtype, channels_last) -> Normalizer:
+        levels_mean, levels_std = tuple(255 * m for m in mean), tuple(255 * s for s in std)
         shape = (1, len(mean), 1, 1)
-        scale = torch.tensor(std, device=device).view(shape) * 255
-        return cls(torch.tensor(mean, device=device).view(shape) * 255, scale, dtype, channels_last)
+        std_t = torch.tensor(levels_std, device=device).view(shape)
+        return cls(levels_mean, levels_std, dtype, channels_last, 1 / std_t,
+                   -torch.tensor(levels_mean, device=device).view(shape) / std_t)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return ((images.float() - self.mean) / self.std).to(self.dtype)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty(images.shape, dtype=self.dtype, device=images.device, memory_format=layout)
+        return torch.addcmul(self.shift, images, self.scale, out=out)
 
 
 def loader_workers(workers: str) -> int:
