@@ -69,6 +69,18 @@ def test_dali_gpu_decode_resumes_mid_epoch_with_the_same_images(imagenet_root):
     assert all(torch.equal(x, fx) and torch.equal(y, fy) for (x, y), (fx, fy) in zip(rest, full[2:]))
 
 
+def test_torchvision_batches_reach_the_gpu_a_batch_ahead_on_a_side_stream_unchanged(imagenet_root):
+    """ahead_on_device: the same normalised batches as on the CPU, in the model's dtype and layout."""
+    cfg = load_config(None, [f"data.root={imagenet_root}", "data.dataset=imagenet", "data.loader=torchvision",
+                             "data.image_size=32", "data.batch_size=4", "data.workers=2"])
+    on_cpu = list(build_loaders(cfg, DistInfo(0, 0, 1, torch.device("cpu")), torch.float32)[1])
+    on_gpu = list(build_loaders(cfg, DistInfo(0, 0, 1, torch.device("cuda", 0)), torch.float32)[1])
+    assert all(x.is_cuda and x.is_contiguous(memory_format=torch.channels_last) for x, _ in on_gpu)
+    for (x, y), (gx, gy) in zip(on_cpu, on_gpu, strict=True):
+        torch.testing.assert_close(gx.cpu(), x, rtol=0, atol=1e-5)
+        assert torch.equal(gy.cpu(), y)
+
+
 def test_bench_runs_every_gpu_configuration_and_profiles_the_fastest(tmp_path):
     run_module("benchmarks.bench", "--out", str(tmp_path), "--quick", "--only", "model", timeout=1200, gpu=True)
     records = json.loads((tmp_path / "results.json").read_text())["records"]

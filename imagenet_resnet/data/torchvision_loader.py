@@ -58,7 +58,8 @@ class ImageFileDataset(Dataset):
 
 
 class HostLoader(Loader):
-    """A torchvision DataLoader whose batches are moved to the device and normalised there."""
+    """A torchvision DataLoader whose batches are moved to the device and normalised there (on
+    CUDA one batch ahead, on a side stream: `ahead_on_device`)."""
 
     def __init__(self, loader: DataLoader, normalize: Normalizer, device, num_images, steps_per_epoch,
                  size_for: Callable[[int], int] = lambda epoch: 0, split: str = "train") -> None:
@@ -72,6 +73,9 @@ class HostLoader(Loader):
             self.loader.sampler.set_position(epoch, start_step, self.size_for(epoch))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return ahead_on_device(self._host_batches(), self.device, self.normalize)
+
+    def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batch, batches = self.start, iter(self.loader)
         while (got := self._next(batches, batch)) is not None:
             images, labels, errors = got
@@ -79,7 +83,7 @@ class HostLoader(Loader):
             if error:
                 raise UserError(error)
             batch += 1
-            yield self.normalize(images.to(self.device, non_blocking=True)), labels.to(self.device, non_blocking=True)
+            yield images, labels
 
     def _next(self, batches: Iterator, batch: int) -> Any:
         """The next batch, or None at the end. The loader's timeout fires after run.collective_timeout_s
@@ -113,6 +117,30 @@ class HostLoader(Loader):
                          f"(run.collective_timeout_s) at {where}: a loader worker is stuck (a stalled read from "
                          f"{self.loader.dataset.folder}?). Under torchrun's --max-restarts the group restarts "
                          f"from the newest checkpoint")
+
+
+def ahead_on_device(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                    normalize: Normalizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Host batches -> normalised batches on `device`. On CUDA the next batch is copied (from pinned
+    memory) and normalised on a side stream while the current one trains, as DLE's and timm's
+    prefetchers do; the training stream waits for it only when it takes it. Elsewhere, in line."""
+    if device.type != "cuda":
+        for images, labels in batches:
+            yield normalize(images.to(device)), labels.to(device)
+        return
+    side, ready = torch.cuda.Stream(device), None
+    for images, labels in batches:
+        with torch.cuda.stream(side):
+            upload = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        if ready is not None:
+            yield ready
+        compute = torch.cuda.current_stream(device)
+        compute.wait_stream(side)
+        for tensor in upload:
+            tensor.record_stream(compute)  # made on the side stream, used on this one: freed after its use
+        ready = upload
+    if ready is not None:
+        yield ready
 
 
 STOP_GRACE_S = 30  # torchrun's and Slurm's default time between SIGTERM and SIGKILL
