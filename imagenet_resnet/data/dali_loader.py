@@ -58,9 +58,8 @@ class EpochFiles:
     (`first`, an (epoch, step)), and the batch within that epoch. A pipeline restored from a DALI
     checkpoint resumes that count, so the same `first` gives the same batches."""
 
-    def __init__(self, root: str, samples: list[tuple[str, int]], sampler: TrainSampler, first: tuple[int, int]):
-        self.root, self.names = root, [name for name, _ in samples]
-        self.labels = np.asarray([label for _, label in samples], dtype=np.int32).reshape(-1, 1)
+    def __init__(self, paths: list[str], labels: np.ndarray, sampler: TrainSampler, first: tuple[int, int]) -> None:
+        self.paths, self.labels = paths, labels  # every train file's path, and its label as an (n, 1) array
         self.sampler, self.first, self.batch_size = sampler, first, sampler.batch_size
         self.cached: tuple[int, np.ndarray] | None = None  # (epoch, its order): computed once per epoch
 
@@ -76,14 +75,14 @@ class EpochFiles:
     def files(self, epoch: int, step: int, batches: int = 1) -> list[str]:
         """The paths of `batches` batches from (epoch, step)."""
         batch = self.batch_size
-        return [f"{self.root}/{self.names[i]}" for i in self.order(epoch)[step * batch : (step + batches) * batch]]
+        return [self.paths[i] for i in self.order(epoch)[step * batch : (step + batches) * batch]]
 
     def __call__(self, info: Any) -> tuple[list[np.ndarray], np.ndarray]:
         epoch, step = self.position(info.epoch_idx, info.iteration)
         if step >= self.sampler.steps_per_epoch:
             raise StopIteration  # DALI ends the epoch; reset() starts the next
         indices = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
-        return [np.frombuffer(path.encode(), dtype=np.uint8) for path in self.files(epoch, step)], self.labels[indices]
+        return [np.frombuffer(self.paths[i].encode(), dtype=np.uint8) for i in indices], self.labels[indices]
 
 
 @pipeline_def(enable_conditionals=True)  # rand_augment chooses its operations per sample with conditionals
@@ -182,6 +181,8 @@ class DaliLoader(Loader):
             self.sampler = TrainSampler(len(samples), dist, cfg.run.seed, cfg.data.batch_size,
                                         cfg.data.repeated_augmentation, cfg.data.repeated_augmentation_round)
             self.steps_per_epoch = self.sampler.steps_per_epoch
+            self.paths = [f"{self.root}/{name}" for name, _ in samples]
+            self.labels = np.asarray([label for _, label in samples], dtype=np.int32).reshape(-1, 1)
         else:
             self.shard = list(shard_range(len(samples), dist.rank, dist.world_size))
             self.steps_per_epoch = val_batches(len(self.shard), self.batch_size)
@@ -254,7 +255,7 @@ class DaliLoader(Loader):
         if (tuple(restored.get("next", ())), restored.get("size")) == ((epoch, step), size):
             first, checkpoint = tuple(restored["first"]), restored["dali"]
         self.batches = None  # the old pipeline goes before the new one takes its memory
-        self.source = EpochFiles(self.root, self.samples, self.sampler, first)
+        self.source = EpochFiles(self.paths, self.labels, self.sampler, first)
         self.batches = self._iterator(self._pipeline(size, first, checkpoint))
         self.next, self.size = (epoch, step), size
         return self.batches
