@@ -127,6 +127,22 @@ def test_train_epoch_shapes_ranks_and_exact_resume(imagenet_root, kind):
     assert [y.tolist() for _, y in bare] == [y.tolist() for _, y in full[2:]]
 
 
+def test_the_torchvision_loader_moves_the_next_batch_before_handing_over_the_current():
+    """One batch ahead (on CUDA its copy and normalisation run on a side stream meanwhile)."""
+    from imagenet_resnet.data.loader import Normalizer
+    from imagenet_resnet.data.torchvision_loader import ahead_on_device
+
+    moved = []  # the batches normalised on the device so far
+
+    def normalize(images):
+        moved.append(int(images[0, 0, 0, 0]))
+        return Normalizer.create((0.0,) * 3, (1 / 255,) * 3, CPU, torch.float32, False)(images)
+
+    host_batches = ((torch.full((1, 3, 2, 2), k, dtype=torch.uint8), torch.tensor([k])) for k in range(3))
+    seen = [(labels.item(), list(moved)) for _, labels in ahead_on_device(host_batches, CPU, normalize)]
+    assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+
+
 def test_a_slow_loader_that_is_decoding_is_not_taken_for_a_stuck_one(imagenet_root):
     """Each batch takes 2.4 s with a 1 s timeout: the workers keep finishing images, so it waits."""
     import time

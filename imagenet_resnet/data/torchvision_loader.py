@@ -121,23 +121,22 @@ class HostLoader(Loader):
 
 def ahead_on_device(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
                     normalize: Normalizer) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Host batches -> normalised batches on `device`. On CUDA the next batch is copied (from pinned
-    memory) and normalised on a side stream while the current one trains, as DLE's and timm's
-    prefetchers do; the training stream waits for it only when it takes it. Elsewhere, in line."""
-    if device.type != "cuda":
-        for images, labels in batches:
-            yield normalize(images.to(device)), labels.to(device)
-        return
-    side, ready = torch.cuda.Stream(device), None
+    """Host batches -> normalised batches on `device`, one batch ahead: the next batch is copied
+    (from pinned memory) and normalised before the current one is handed over, on CUDA on a side
+    stream, so the copy runs while the current batch trains (DLE's and timm's prefetchers); the
+    training stream waits for it only when it takes it. Elsewhere the same order, in line."""
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    ready = None
     for images, labels in batches:
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side):  # None: no stream, no CUDA
             upload = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
         if ready is not None:
             yield ready
-        compute = torch.cuda.current_stream(device)
-        compute.wait_stream(side)
-        for tensor in upload:
-            tensor.record_stream(compute)  # made on the side stream, used on this one: freed after its use
+        if side is not None:
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(side)
+            for tensor in upload:
+                tensor.record_stream(compute)  # made on the side stream, used on this one: freed after its use
         ready = upload
     if ready is not None:
         yield ready
