@@ -23,8 +23,10 @@ from imagenet_resnet.layout import DEVKIT, TRAIN_TAR, VAL_TAR
 def prepare(src: Path, dest: Path, *extra: str, wait: bool = True):
     cmd = ["make", "--no-print-directory", "-C", str(REPO), "prepare-imagenet", f"SRC={src}", f"DEST={dest}", *extra]
     if not wait:
+        # As from a terminal: SIGINT at its default, whatever this test process inherited (an ignored
+        # signal stays ignored across exec, and the whole prepare would then ignore a Ctrl-C).
         return subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
 
 

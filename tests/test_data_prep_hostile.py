@@ -205,7 +205,8 @@ def test_ctrl_c_during_prepare_is_one_line_and_a_rerun_finishes(tmp_path):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: the whole foreground process group
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0 and "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    assert proc.returncode != 0 and "Traceback" not in output and "KeyboardInterrupt" not in output, (
+        f"{output}\n(this test process's SIGINT handler: {signal.getsignal(signal.SIGINT)})")
     assert "run the same command again" in output
     again = prepare(src, dest, "WORKERS=2")
     assert again.returncode == 0, again.stdout + again.stderr
