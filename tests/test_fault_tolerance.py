@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -353,12 +354,18 @@ def test_a_stuck_loader_worker_ends_the_run_naming_the_data_loader(imagenet_root
            "data.workers=1", "data.batch_size=4", "data.image_size=32", "schedule.epochs=1",
            "schedule.warmup_epochs=0", "run.log_every_steps=1", "run.collective_timeout_s=5", "wandb.mode=disabled"]
     proc = start(cmd)
+    guard = threading.Timer(120, proc.kill)  # no report within 2 minutes of the stall: fail, not hang
     try:
         wait_for(proc, "epoch 0 step 1/")
         os.kill(daemon, signal.SIGSTOP)
-        output = proc.communicate(timeout=120)[0]
+        guard.start()
+        # The report comes with the mount still frozen. The exit may then wait for it: a worker whose
+        # read the daemon had already taken sleeps uninterruptibly, SIGKILL or not, until the answer.
+        output = wait_for(proc, "data loader finished no image")
     finally:
         os.kill(daemon, signal.SIGCONT)
+        guard.cancel()
+    output += proc.communicate(timeout=120)[0]
     assert proc.returncode == 2, output[-3000:]
     assert ("error: the train data loader finished no image for 5 s (run.collective_timeout_s) at epoch 0 batch"
             in output), output[-3000:]
