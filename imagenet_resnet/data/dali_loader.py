@@ -72,16 +72,18 @@ class EpochFiles:
             self.cached = (epoch, self.sampler.order(epoch)[0])
         return self.cached[1]
 
+    def indices(self, epoch: int, step: int, batches: int = 1) -> np.ndarray:
+        """The train indices of `batches` batches from (epoch, step)."""
+        return self.order(epoch)[step * self.batch_size : (step + batches) * self.batch_size]
+
     def files(self, epoch: int, step: int, batches: int = 1) -> list[str]:
-        """The paths of `batches` batches from (epoch, step)."""
-        batch = self.batch_size
-        return [self.paths[i] for i in self.order(epoch)[step * batch : (step + batches) * batch]]
+        return [self.paths[i] for i in self.indices(epoch, step, batches)]
 
     def __call__(self, info: Any) -> tuple[list[np.ndarray], np.ndarray]:
         epoch, step = self.position(info.epoch_idx, info.iteration)
         if step >= self.sampler.steps_per_epoch:
             raise StopIteration  # DALI ends the epoch; reset() starts the next
-        indices = self.order(epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        indices = self.indices(epoch, step)
         return [np.frombuffer(self.paths[i].encode(), dtype=np.uint8) for i in indices], self.labels[indices]
 
 
@@ -177,11 +179,11 @@ class DaliLoader(Loader):
         self.seed = cfg.run.seed
         self.train = split == "train"
         self.num_images = len(samples)
+        self.paths = [f"{self.root}/{name}" for name, _ in samples]
         if self.train:
             self.sampler = TrainSampler(len(samples), dist, cfg.run.seed, cfg.data.batch_size,
                                         cfg.data.repeated_augmentation, cfg.data.repeated_augmentation_round)
             self.steps_per_epoch = self.sampler.steps_per_epoch
-            self.paths = [f"{self.root}/{name}" for name, _ in samples]
             self.labels = np.asarray([label for _, label in samples], dtype=np.int32).reshape(-1, 1)
         else:
             self.shard = list(shard_range(len(samples), dist.rank, dist.world_size))
@@ -287,17 +289,18 @@ class DaliLoader(Loader):
     def _val_files(self, done: int) -> list[str]:
         """The val paths DALI may hold after `done` batches were yielded."""
         shard = self.shard[done * self.batch_size : (done + PREFETCH_BATCHES) * self.batch_size]
-        return [f"{self.root}/{self.samples[i][0]}" for i in shard]
+        return [self.paths[i] for i in shard]
 
     def _pipeline(self, size: int, first: tuple[int, int] = (0, 0), checkpoint: bytes | None = None):
         """A built DALI pipeline: train at `size` from (epoch, step) `first` (or a checkpoint taken
         in a pipeline built there), or val."""
         gpu = self.dist.device.type == "cuda"
         augment = self.train and self.data.auto_augment
+        # train: the files from EpochFiles; val: DALI's reader over this rank's shard
+        files = {"files": [], "labels": [], "source": self.source} if self.train else {
+            "files": [self.samples[i][0] for i in self.shard], "labels": [self.samples[i][1] for i in self.shard]}
         pipe = imagenet_pipeline(
-            file_root=self.root, files=[self.samples[i][0] for i in self.shard] if not self.train else [],
-            labels=[self.samples[i][1] for i in self.shard] if not self.train else [],
-            source=self.source if self.train else None, train=self.train, gpu=gpu, size=size,
+            file_root=self.root, **files, train=self.train, gpu=gpu, size=size,
             policy=timm_policy(self.data.auto_augment, size, normalization(self.data.dataset)[0]) if augment else None,
             interpolation=train_interpolation(self.data) if self.train else self.data.interpolation,
             min_area=self.data.crop_min_area, resize_side=val_resize_side(self.data),

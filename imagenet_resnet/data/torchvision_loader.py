@@ -58,8 +58,8 @@ class ImageFileDataset(Dataset):
 
 
 class HostLoader(Loader):
-    """A torchvision DataLoader whose batches are moved to the device and normalised there (on
-    CUDA one batch ahead, on a side stream: `ahead_on_device`)."""
+    """A torchvision DataLoader whose batches are moved to the device and normalised there, one
+    batch ahead (on CUDA on a side stream: `ahead_on_device`)."""
 
     def __init__(self, loader: DataLoader, normalize: Normalizer, device, num_images, steps_per_epoch,
                  size_for: Callable[[int], int] = lambda epoch: 0, split: str = "train") -> None:
